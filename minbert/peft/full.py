@@ -1,0 +1,14 @@
+"""Full fine-tuning (`peft=none`): every encoder parameter is trained, as in BERT's original recipe
+(Devlin et al., 2019). It is the baseline of the PEFT study's tables."""
+from __future__ import annotations
+
+from torch import nn
+
+
+class FullFinetune:
+    name = "none"
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+        return encoder

@@ -1,0 +1,68 @@
+"""Tokenizing a split once and cutting it into padded batches.
+
+Single sentences become `[CLS] x [SEP]`. Pairs are encoded jointly (`[CLS] x1 [SEP] x2 [SEP]` with
+token types 0/1) for a joint head, or separately for the others; separate pairs travel as one
+[2B, T] batch (all first sentences, then all second ones) so the encoder runs once per step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tasks.data import Split
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B', T], B' = B or 2B
+    attention_mask: torch.Tensor  # [B', T]
+    token_type_ids: torch.Tensor  # [B', T]
+    index: torch.Tensor  # [B], positions in the split
+    labels: torch.Tensor | None  # [B]
+    segments: int  # 2 when rows [:B] are first sentences and rows [B:] second ones
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
+                     self.index, move(self.labels), self.segments)
+
+
+class EncodedSplit:
+    """Token ids of one split, ready to batch. `joint` chooses the pair encoding."""
+
+    def __init__(self, split: Split, tokenizer, max_length: int, joint: bool):
+        self.split, self.joint = split, joint
+        cols = list(zip(*split.texts))
+        enc = lambda *a: tokenizer(*a, truncation=True, max_length=max_length)  # noqa: E731
+        if split.task.is_pair and joint:
+            e = enc(list(cols[0]), list(cols[1]))
+            self.segments = [(e["input_ids"], e["token_type_ids"])]
+        else:
+            self.segments = [(e["input_ids"], e["token_type_ids"]) for e in map(enc, map(list, cols))]
+        self.labels = None if split.labels is None else torch.tensor(split.labels)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator=None):
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            yield self.collate(order[start:start + batch_size])
+
+    def collate(self, index: torch.Tensor) -> Batch:
+        rows = [(seg_ids[i], seg_types[i]) for seg_ids, seg_types in self.segments for i in index]
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        types = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for r, (row_ids, row_types) in enumerate(rows):
+            ids[r, :len(row_ids)] = torch.tensor(row_ids)
+            types[r, :len(row_types)] = torch.tensor(row_types)
+            mask[r, :len(row_ids)] = 1
+        labels = None if self.labels is None else self.labels[index]
+        return Batch(ids, mask, types, index, labels, segments=len(self.segments))

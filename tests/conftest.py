@@ -1,0 +1,88 @@
+"""Shared fixtures: Hydra composition of the real configs, the real CS224N data (via MINBERT_DATA,
+or the shared folder beside the repo), and a small synthetic data set in the CS224N format so that
+smoke runs are hermetic and fast."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def real_data_root() -> Path | None:
+    for candidate in (os.environ.get("MINBERT_DATA"), REPO.parent / "shared" / "data" / "cs224n"):
+        if candidate and (Path(candidate) / "ids-sst-train.csv").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("the CS224N data is not available: set MINBERT_DATA")
+    return root
+
+
+def compose_config(overrides: list[str] | None = None):
+    """Composes conf/config.yaml as `train.py` would, with command-line style overrides."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
+
+
+WORDS = {0: "awful dreadful", 1: "dull weak", 2: "plain okay", 3: "good nice", 4: "superb great"}
+
+
+def _write(path: Path, header: list[str], rows: list[list]) -> None:
+    lines = ["\t".join([""] + header)]
+    lines += ["\t".join([str(i)] + [str(c) for c in row]) for i, row in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_synthetic_data(root: Path, n: int = 40, seed: int = 0) -> Path:
+    """CS224N-format files for all three tasks, with learnable signal and one malformed row."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test-student"):
+        labelled = split != "test-student"
+        sst, para, sts = [], [], []
+        for i in range(n):
+            y = rng.randint(0, 4)
+            sst.append([f"s{split}{i}", f"a {WORDS[y]} movie number {i}"] + ([y] if labelled else []))
+            dup = rng.randint(0, 1)
+            q2 = f"how do i learn topic {i}" if dup else f"where is city {i + 7}"
+            para.append([f"p{split}{i}", f"how do i learn topic {i}", q2]
+                        + ([float(dup)] if labelled else []))
+            sim = round(rng.uniform(0, 5), 1)
+            s2 = "a dog runs" if sim > 2.5 else "stocks fell today"
+            sts.append([f"t{split}{i}", "a dog runs fast", s2] + ([sim] if labelled else []))
+        if split == "train":
+            para.append(["pbad", "a question with no partner", "", ""])  # malformed: skipped
+        _write(root / f"ids-sst-{split}.csv", ["id", "sentence"] + ["sentiment"] * labelled, sst)
+        _write(root / f"quora-{split}.csv", ["id", "sentence1", "sentence2"]
+               + ["is_duplicate"] * labelled, para)
+        _write(root / f"sts-{split}.csv", ["id", "sentence1", "sentence2"]
+               + ["similarity"] * labelled, sts)
+    return root
+
+
+@pytest.fixture
+def synthetic_root(tmp_path) -> Path:
+    return write_synthetic_data(tmp_path / "data")
+
+
+def smoke_overrides(root: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "logger=none", "trainer.epochs=1", f"data.root={root}",
+            "data.batch_size=16", "progress=false", *extra]

@@ -1,0 +1,140 @@
+"""End-to-end runs through Hydra's compose API and the real `train.py`, on the tiny model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, smoke_overrides
+from minbert.errors import TrainingError
+from trainers.run import run
+
+METRIC_KEYS = {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall",
+               "params/trainable", "params/total", "params/updated_pct"}
+
+
+@pytest.mark.parametrize("heads", ["concat", "separate", "joint"])
+def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthetic_root, tmp_path,
+                                                             heads):
+    cfg = compose_cfg(smoke_overrides(synthetic_root, f"heads={heads}"))
+    score = run(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert score == metrics["dev/overall"]
+    assert 0 <= metrics["sst/dev/acc"] <= 1 and -1 <= metrics["sts/dev/pearson"] <= 1
+    want = (metrics["sst/dev/acc"] + metrics["para/dev/acc"] + (metrics["sts/dev/pearson"] + 1) / 2) / 3
+    assert metrics["dev/overall"] == pytest.approx(want)
+    assert metrics["params/updated_pct"] == 100.0 and metrics["params/trainable"] > 2_000_000
+    for name in ["sst-dev", "sst-test", "para-dev", "para-test", "sts-dev", "sts-test"]:
+        lines = (tmp_path / "run" / "predictions" / f"{name}-output.csv").read_text().splitlines()
+        assert lines[0].startswith("id \t Predicted_") and len(lines) == 41
+    sst_dev = (tmp_path / "run" / "predictions" / "sst-dev-output.csv").read_text().splitlines()
+    assert [l.split(" , ")[0] for l in sst_dev[1:]] == [f"sdev{i}" for i in range(40)]
+    assert {l.split(" , ")[1].strip() for l in sst_dev[1:]} <= {"0", "1", "2", "3", "4"}
+    state = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert "heads.sst.out.weight" in state and "encoder.layers.0.attn.query.weight" in state
+    history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1]
+
+
+def test_training_learns_the_synthetic_tasks(compose_cfg, synthetic_root, tmp_path):
+    """Several epochs on data with an obvious signal must beat chance: the loop really trains."""
+    cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=6", "heads=joint",
+                                      "trainer.optimizer.lr=1e-3", "heads.dropout=0.0"))
+    run(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    history = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 6
+    assert metrics["dev/overall"] == max(h["dev/overall"] for h in history)  # best state restored
+    assert metrics["para/dev/acc"] > 0.75 and metrics["sts/dev/pearson"] > 0.5
+
+
+class Recorder:
+    """A logger that records what the trainer logs, to check the order of training."""
+
+    def __init__(self):
+        self.steps, self.summaries = [], []
+
+    def start(self, config, run_dir):
+        self.config = config
+
+    def log(self, metrics, step):
+        self.steps += [k.split("/")[0] for k in metrics if k.endswith("/train/loss")]
+
+    def summary(self, metrics):
+        self.summaries.append(metrics)
+
+    def finish(self, ok=True):
+        self.ok = ok
+
+
+def test_sequential_order_and_one_persistent_optimizer(compose_cfg, synthetic_root, tmp_path,
+                                                       monkeypatch):
+    recorder, made = Recorder(), []
+    monkeypatch.setattr("trainers.run.build", _patched_build(recorder))
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(1) or real_adamw(*a, **k))
+    cfg = compose_cfg(smoke_overrides(synthetic_root, "order=sts-sst-para", "trainer.epochs=2",
+                                      "data.limit_train=32"))
+    run(cfg, tmp_path)
+    epoch = ["sts"] * 2 + ["sst"] * 2 + ["para"] * 2  # 32 examples / batch 16 = 2 steps a task
+    assert recorder.steps == epoch * 2
+    assert len(made) == 1 and recorder.ok and "dev/overall" in recorder.summaries[0]
+
+
+def _patched_build(recorder):
+    from trainers import run as run_module
+    real = run_module.build
+    return lambda node, key, **kw: recorder if key == "logger" else real(node, key, **kw)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_history(compose_cfg, synthetic_root, tmp_path):
+    cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=3",
+                                      "trainer.optimizer.lr=1e30", "heads.dropout=0.0"))
+    with pytest.raises(TrainingError) as e:
+        run(cfg, tmp_path)
+    msg = str(e.value)
+    assert "loss became" in msg and "trainer.optimizer.lr" in msg and "history.jsonl" in msg
+
+
+def test_wandb_offline_logger_writes_a_local_run(compose_cfg, synthetic_root, tmp_path):
+    overrides = [o for o in smoke_overrides(synthetic_root) if o != "logger=none"]
+    cfg = compose_cfg(overrides + ["logger=wandb"])
+    assert cfg.logger.mode == "offline"
+    run(cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def _train(*args, cwd=REPO, env_extra=None, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def test_multirun_sweeps_orders(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    p = _train("-m", "order=sst-para-sts,para-sts-sst", *smoke_overrides(synthetic_root),
+               "data.limit_train=32", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = sorted(sweep.glob("*/metrics.json"))
+    assert len(runs) == 2
+    orders = [(r.parent / ".hydra" / "overrides.yaml").read_text() for r in runs]
+    assert "order=sst-para-sts" in orders[0] and "order=para-sts-sst" in orders[1]
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    p = _train(*smoke_overrides(tmp_path / "nowhere"), f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 1
+    assert "error: data folder" in p.stderr and "does not exist" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_unknown_choice_lists_valid_ones(tmp_path):
+    p = _train("peft=lorax", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0
+    assert "Could not find 'peft/lorax'" in p.stderr and "none" in p.stderr

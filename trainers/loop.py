@@ -1,0 +1,147 @@
+"""The loop every trainer strategy shares: train one task for one pass over its data, evaluate
+on a split, keep the best state on disk, write predictions. Strategies (`sequential`, and those to
+come) only decide the order in which these run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from minbert.errors import TrainingError
+from minbert.peft import trainable_params
+from tasks.base import Task, overall_score
+from tasks.batching import EncodedSplit
+from tasks.model import MultitaskModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """Everything a trainer needs from the run: model, data, where to write, how to log."""
+
+    model: MultitaskModel
+    tasks: list[Task]  # in the configured order
+    data: dict[str, dict[str, EncodedSplit]]  # split -> task -> encoded split
+    run_dir: Path
+    logger: object
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    device: torch.device = torch.device("cpu")
+    progress: bool = True
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    step: int = 0
+
+
+def param_groups(model: MultitaskModel, head_lr: float | None = None) -> list[dict]:
+    """The optimizer's groups: encoder parameters at the optimizer's lr, and the freshly
+    initialised task heads at `head_lr` (None: the same lr, the report's single-lr recipe)."""
+    encoder = [p for _, p in trainable_params(model.encoder)]
+    heads = [p for _, p in trainable_params(model.heads)]
+    groups = [g for g in ({"params": encoder}, {"params": heads}) if g["params"]]
+    if head_lr is not None and heads:
+        groups[-1]["lr"] = head_lr
+    return groups
+
+
+def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
+                     max_grad_norm: float | None = None) -> float:
+    """One pass over `task`'s training data; returns the mean loss. Stops on a non-finite loss."""
+    model, data = ctx.model, ctx.data["train"][task.name]
+    model.train()
+    params = [p for _, p in trainable_params(model)]
+    total, bar = 0.0, tqdm(data.batches(ctx.batch_size, shuffle=True, generator=ctx.generator),
+                           total=data.num_batches(ctx.batch_size), disable=not ctx.progress,
+                           desc=f"epoch {epoch} {task.name}", leave=False, dynamic_ncols=True)
+    for n, batch in enumerate(bar, 1):
+        batch = batch.to(ctx.device)
+        loss = task.loss(model(task.name, batch), batch.labels)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the {task.name} loss became {loss.item()} at epoch {epoch}, step {ctx.step + 1}. "
+                f"The best state so far is kept in {ctx.run_dir / 'best.safetensors'} and the "
+                f"per-epoch scores in {ctx.run_dir / 'history.jsonl'}. Try a lower "
+                "trainer.optimizer.lr or set trainer.max_grad_norm=1.0.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        ctx.step += 1
+        total += loss.item()
+        ctx.logger.log({f"{task.name}/train/loss": loss.item(), "epoch": epoch}, step=ctx.step)
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(1, data.num_batches(ctx.batch_size))
+
+
+@torch.inference_mode()
+def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
+    """The task's predictions for every example of a split, in file order."""
+    ctx.model.eval()
+    out = []
+    for batch in tqdm(data.batches(ctx.eval_batch_size), total=data.num_batches(ctx.eval_batch_size),
+                      disable=not ctx.progress, desc=f"eval {data.split.name} {task.name}",
+                      leave=False, dynamic_ncols=True):
+        out.append(task.predict(ctx.model(task.name, batch.to(ctx.device))).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def evaluate(ctx: RunContext, split: str = "dev") -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Scores every task on a labelled split: `task/split/metric` keys plus `split/overall`."""
+    metrics, preds = {}, {}
+    for task in ctx.tasks:
+        data = ctx.data[split][task.name]
+        preds[task.name] = predict(ctx, task, data)
+        gold = data.labels.numpy()
+        metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
+    if split == "dev":
+        metrics["dev/overall"] = overall_score(ctx.tasks, metrics)
+    return metrics, preds
+
+
+class BestCheckpoint:
+    """Keeps the trainable state with the best dev score as safetensors in the run dir.
+    Frozen parameters never change, so the trainable ones (heads included) are the whole state."""
+
+    def __init__(self, path: Path):
+        self.path, self.score, self.epoch = path, float("-inf"), None
+
+    def update(self, model: torch.nn.Module, score: float, epoch: int) -> bool:
+        if not score > self.score:
+            return False
+        state = {n: p.detach().cpu().contiguous() for n, p in trainable_params(model)}
+        save_file(state, str(self.path), metadata={"score": str(score), "epoch": str(epoch)})
+        self.score, self.epoch = score, epoch
+        return True
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.epoch is None:
+            return
+        state = load_file(str(self.path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected, f"checkpoint has unknown keys {unexpected[:3]}"
+        log.info("restored the best state (epoch %d, dev/overall %.4f)", self.epoch, self.score)
+
+
+def append_history(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_predictions(run_dir: Path, task: Task, split: str, ids: list[str], preds) -> Path:
+    """Writes the CS224N leaderboard format: `id \\t Predicted_X` then `id , prediction` lines."""
+    out = run_dir / "predictions" / f"{task.name}-{split.removesuffix('-student')}-output.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = (lambda v: f"{v:.6f}") if task.metric == "pearson" else (lambda v: f"{int(v)}")
+    with open(out, "w") as f:
+        f.write(f"id \t {task.prediction_column} \n")
+        for example_id, p in zip(ids, preds):
+            f.write(f"{example_id} , {fmt(p)} \n")
+    return out

@@ -1,0 +1,123 @@
+"""One experiment run, from a composed Hydra config to `metrics.json`: read the data (failing
+early on bad input), build the encoder, apply the PEFT method, attach the task heads, train with
+the configured strategy, then score the best state on dev and write leaderboard predictions.
+`train.py` is a thin Hydra wrapper around `run`."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from minbert.checkpoint import load_tokenizer
+from minbert.errors import ConfigError, MinbertError
+from minbert.peft import PeftMethod, param_counts
+from tasks import get_tasks
+from tasks.batching import EncodedSplit
+from tasks.data import load_task_data, resolve_root
+from tasks.model import MultitaskModel
+from trainers.loop import RunContext, evaluate, predict, write_predictions
+
+log = logging.getLogger(__name__)
+
+
+def build(node: DictConfig, key: str, **kwargs):
+    """`hydra.utils.instantiate`, with errors that name the config key instead of a deep trace."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MinbertError):
+            raise type(cause)(f"{key}: {cause}") from cause
+        raise ConfigError(f"cannot build `{key}` from its config: {e}") from e
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or auto")
+    return torch.device(name)
+
+
+def build_model(cfg: DictConfig, tasks) -> MultitaskModel:
+    encoder = build(cfg.model.encoder, "model.encoder")
+    method = build(cfg.peft, "peft")
+    if not isinstance(method, PeftMethod):
+        raise ConfigError(f"peft: {type(method).__name__} has no apply(encoder) method")
+    encoder = method.apply(encoder)
+    heads = {t.name: build(cfg.heads[t.name], f"heads.{t.name}", hidden_size=encoder.hidden_size)
+             for t in tasks}
+    return MultitaskModel(encoder, heads, pooling=cfg.model.pooling)
+
+
+def encode_data(cfg: DictConfig, model: MultitaskModel, raw: dict) -> dict:
+    """split -> task -> EncodedSplit, tokenized once, pairs encoded as each head needs."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    out: dict[str, dict[str, EncodedSplit]] = {}
+    for task_name, splits in raw.items():
+        joint = getattr(model.heads[task_name], "joint", False)
+        for split, data in splits.items():
+            out.setdefault(split, {})[task_name] = EncodedSplit(data, tokenizer,
+                                                                cfg.model.max_length, joint)
+    return out
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Trains and evaluates one configuration; returns dev/overall (the sweep objective)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    generator = seed_everything(cfg.seed)
+    tasks = get_tasks(list(cfg.order.tasks))
+    raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
+                         cfg.data.limit_eval)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, tasks).to(device)
+    counts = param_counts(model)
+    log.info("parameters: %d trainable of %d (%.3f%%)", counts["params/trainable"],
+             counts["params/total"], counts["params/updated_pct"])
+    logger = build(cfg.logger, "logger")
+    ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
+                     cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
+                     generator)
+    trainer = build(cfg.trainer, "trainer")
+    logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir)
+    ok = False
+    try:
+        logger.log(counts, step=0)
+        trainer.fit(ctx)
+        metrics = finish(ctx, counts)
+        logger.summary(metrics)
+        ok = True
+    finally:
+        logger.finish(ok)
+    return metrics["dev/overall"]
+
+
+def finish(ctx: RunContext, counts: dict) -> dict:
+    """Scores the best state on dev, writes predictions for dev and test, and `metrics.json`."""
+    metrics, dev_preds = evaluate(ctx, "dev")
+    for task in ctx.tasks:
+        write_predictions(ctx.run_dir, task, "dev", ctx.data["dev"][task.name].split.ids,
+                          dev_preds[task.name])
+        test = ctx.data.get("test-student", {}).get(task.name)
+        if test is not None:
+            write_predictions(ctx.run_dir, task, "test-student", test.split.ids,
+                              predict(ctx, task, test))
+    metrics.update(counts)
+    (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("dev: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "dev" in k))
+    return metrics

@@ -1,0 +1,40 @@
+"""Sequential multi-task training, the multi-task minBERT report's baseline strategy: for each
+epoch, train on each task in the configured order (`order=sts-sst-para`), one batch loop per
+task, with a single AdamW whose state persists across tasks. Dev is scored after every epoch and
+the best state by the overall score is kept."""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from minbert.errors import ConfigError
+from trainers.loop import (BestCheckpoint, RunContext, append_history, evaluate, param_groups,
+                           train_task_epoch)
+
+log = logging.getLogger(__name__)
+
+
+class SequentialTrainer:
+    def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
+                 max_grad_norm: float | None = None):
+        if epochs < 1:
+            raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
+        self.optimizer, self.epochs, self.head_lr = optimizer, epochs, head_lr
+        self.max_grad_norm = max_grad_norm
+
+    def fit(self, ctx: RunContext) -> dict[str, float]:
+        optimizer = self.optimizer(param_groups(ctx.model, self.head_lr))
+        best = BestCheckpoint(ctx.run_dir / "best.safetensors")
+        for epoch in range(1, self.epochs + 1):
+            losses = {t.name: train_task_epoch(ctx, t, optimizer, epoch, self.max_grad_norm)
+                      for t in ctx.tasks}
+            metrics, _ = evaluate(ctx, "dev")
+            improved = best.update(ctx.model, metrics["dev/overall"], epoch)
+            append_history(ctx.run_dir, {"epoch": epoch, "step": ctx.step, **metrics,
+                                         **{f"{k}/train/loss": v for k, v in losses.items()}})
+            ctx.logger.log({**metrics, "epoch": epoch}, step=ctx.step)
+            log.info("epoch %d/%d: %s%s", epoch, self.epochs,
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                     " (best so far)" if improved else "")
+        best.restore(ctx.model)
+        return {"best_epoch": best.epoch, "dev/overall": best.score}
