@@ -39,6 +39,7 @@ def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthe
     assert "heads.sst.out.weight" in state and "encoder.layers.0.attn.query.weight" in state
     history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1]
+    assert (tmp_path / "run" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_training_learns_the_synthetic_tasks(compose_cfg, synthetic_root, tmp_path):

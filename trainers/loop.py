@@ -38,6 +38,7 @@ class RunContext:
     progress: bool = True
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     step: int = 0
+    losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 
 
 def param_groups(model: MultitaskModel, head_lr: float | None = None) -> list[dict]:
@@ -75,8 +76,10 @@ def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         ctx.step += 1
-        total += loss.item()
-        ctx.logger.log({f"{task.name}/train/loss": loss.item(), "epoch": epoch}, step=ctx.step)
+        value = loss.item()
+        total += value
+        ctx.losses.append((ctx.step, task.name, value))
+        ctx.logger.log({f"{task.name}/train/loss": value, "epoch": epoch}, step=ctx.step)
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(1, data.num_batches(ctx.batch_size))
 

@@ -23,6 +23,7 @@ from tasks.batching import EncodedSplit
 from tasks.data import load_task_data, resolve_root
 from tasks.model import MultitaskModel
 from trainers.loop import RunContext, evaluate, predict, write_predictions
+from trainers.plots import plot_training
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ def finish(ctx: RunContext, counts: dict) -> dict:
             write_predictions(ctx.run_dir, task, "test-student", test.split.ids,
                               predict(ctx, task, test))
     metrics.update(counts)
+    plot_training(ctx.run_dir, ctx.losses)
     (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("dev: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "dev" in k))
     return metrics

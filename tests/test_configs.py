@@ -1,0 +1,113 @@
+"""Every config option composes and instantiates; bad choices fail with the valid ones listed."""
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF
+from minbert import BertModel
+from minbert.errors import CheckpointError, ConfigError
+from minbert.peft import PeftMethod
+from tasks import get_tasks
+from trainers.run import build, build_model, resolve_device
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_have_the_documented_choices():
+    assert options("model") == ["bert-base", "minilm", "tiny"]
+    assert options("heads") == ["concat", "joint", "separate"]
+    assert len(options("order")) == 6
+    assert {"none"} <= set(options("peft")) and {"sequential"} <= set(options("trainer"))
+    assert options("logger") == ["none", "wandb"]
+
+
+def test_default_config_is_the_reports_recipe(compose_cfg):
+    cfg = compose_cfg()
+    assert cfg.model.name == "minilm" and cfg.logger.mode == "offline"
+    assert cfg.trainer.optimizer.lr == 1e-5 and cfg.trainer.epochs == 10
+    assert cfg.data.batch_size == 32 and cfg.heads.dropout == 0.3
+    assert cfg.heads.sts.alpha == 1.0 and cfg.heads.sts.beta == 2.5
+    assert cfg.heads.para.aggregator == "inner" and cfg.heads.sts.aggregator == "cosine"
+
+
+@pytest.mark.parametrize("order", options("order"))
+def test_every_order_is_a_permutation_of_the_three_tasks(compose_cfg, order):
+    cfg = compose_cfg([f"order={order}"])
+    assert "-".join(cfg.order.tasks) == order
+    assert sorted(t.name for t in get_tasks(cfg.order.tasks)) == ["para", "sst", "sts"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_model_options_instantiate(compose_cfg, model):
+    cfg = compose_cfg([f"model={model}"])
+    encoder = instantiate(cfg.model.encoder)
+    assert isinstance(encoder, BertModel)
+    assert encoder.hidden_size == {"tiny": 64, "minilm": 384}[model]
+
+
+def test_bert_base_offline_is_a_clear_checkpoint_error(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    cfg = compose_cfg(["model=bert-base"])
+    with pytest.raises(CheckpointError, match="model.encoder: could not load 'bert-base-uncased'"):
+        build(cfg.model.encoder, "model.encoder")
+
+
+@pytest.mark.parametrize("peft", options("peft"))
+def test_peft_options_instantiate(compose_cfg, peft):
+    method = instantiate(compose_cfg([f"peft={peft}"]).peft)
+    assert isinstance(method, PeftMethod)
+
+
+@pytest.mark.parametrize("heads", options("heads"))
+def test_head_options_build_a_model(compose_cfg, heads):
+    cfg = compose_cfg(["model=tiny", f"heads={heads}"])
+    model = build_model(cfg, get_tasks(["sst", "para", "sts"]))
+    assert model.heads["sst"].out.out_features == 5
+    assert model.heads["sts"].joint == (heads == "joint")
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_options_instantiate(compose_cfg, trainer):
+    t = instantiate(compose_cfg([f"trainer={trainer}"]).trainer)
+    assert callable(getattr(t, "fit"))
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_logger_options_instantiate(compose_cfg, logger):
+    lg = instantiate(compose_cfg([f"logger={logger}"]).logger)
+    assert all(callable(getattr(lg, m)) for m in ("start", "log", "summary", "finish"))
+
+
+@pytest.mark.parametrize("debug", options("debug"))
+def test_debug_presets_compose(compose_cfg, debug):
+    cfg = compose_cfg([f"debug={debug}"])
+    assert cfg.trainer.epochs == 1 and cfg.logger._target_.endswith("NullLogger")
+    assert OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_unknown_group_choice_lists_the_valid_ones(compose_cfg):
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg(["heads=siamese"])
+    assert all(o in str(e.value) for o in ("concat", "joint", "separate"))
+
+
+def test_bad_values_are_config_errors_naming_the_key(compose_cfg):
+    cfg = compose_cfg(["model=tiny", "heads.sts.aggregator=euclid"])
+    with pytest.raises(ConfigError, match=r"heads.sts: unknown aggregator 'euclid'.*\['cosine', 'inner'\]"):
+        build_model(cfg, get_tasks(["sts"]))
+    with pytest.raises(ConfigError, match="trainer: trainer.epochs=0 must be at least 1"):
+        build(compose_cfg(["trainer.epochs=0"]).trainer, "trainer")
+    with pytest.raises(ConfigError, match="logger.mode='cloud'"):
+        build(compose_cfg(["logger.mode=cloud"]).logger, "logger")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible; use device=cpu or auto"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"

@@ -1,0 +1,48 @@
+"""The run's training curves as `training.png` in the run dir: the train loss of each task per
+step (with a moving average) and the dev metrics per epoch, so a run can be judged at a glance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _moving_average(values: list[float], window: int) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    window = max(1, min(window, len(v)))
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
+def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
+    """Writes `training.png` from the per-step losses and `history.jsonl`; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history_file = run_dir / "history.jsonl"
+    lines = history_file.read_text().splitlines() if history_file.exists() else []
+    history = [json.loads(line) for line in lines]
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+    for task in dict.fromkeys(t for _, t, _ in losses):
+        steps = [s for s, t, _ in losses if t == task]
+        vals = [v for _, t, v in losses if t == task]
+        window = max(1, len(vals) // 20)
+        ax_loss.plot(steps, vals, alpha=0.25)
+        ax_loss.plot(steps[window - 1:], _moving_average(vals, window), label=task,
+                     color=ax_loss.lines[-1].get_color())
+    ax_loss.set(xlabel="step", ylabel="train loss", title="train loss per task", yscale="log")
+    ax_loss.legend()
+    keys = [k for k in (history[0] if history else {}) if "/dev/" in k or k == "dev/overall"]
+    for key in keys:
+        ax_dev.plot([h["epoch"] for h in history], [h[key] for h in history], marker="o", label=key)
+    ax_dev.set(xlabel="epoch", ylabel="score", title="dev scores per epoch")
+    ax_dev.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if keys:
+        ax_dev.legend()
+    fig.tight_layout()
+    out = run_dir / "training.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
