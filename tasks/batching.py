@@ -24,9 +24,11 @@ class Batch:
     segments: int  # 2 when rows [:B] are first sentences and rows [B:] second ones
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
-                     self.index, move(self.labels), self.segments)
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
+        return Batch(self.input_ids.to(device, non_blocking=True),
+                     self.attention_mask.to(device, non_blocking=True),
+                     self.token_type_ids.to(device, non_blocking=True), self.index, labels,
+                     self.segments)
 
 
 class EncodedSplit:

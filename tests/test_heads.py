@@ -136,3 +136,14 @@ def test_batches_cover_the_split_once_and_truncate(tokenizer):
         assert torch.equal(b.labels, torch.tensor([split.labels[i] for i in b.index]).float())
         seen += b.index.tolist()
     assert sorted(seen) == list(range(49)) and enc.num_batches(10) == math.ceil(49 / 10)
+
+
+def test_separate_head_same_init_starts_as_a_similarity():
+    h1, h2 = torch.randn(6, H), torch.randn(6, H)
+    tied = SeparateHead(H, proj_dim=8, aggregator="cosine", same_init=True, dropout=0.0)
+    torch.testing.assert_close(tied.proj1.weight, tied.proj2.weight)
+    torch.testing.assert_close(tied(h1, h1), torch.full((6,), 5.0))  # identical sentences: 5
+    assert tied.proj1.weight.data_ptr() != tied.proj2.weight.data_ptr()  # trained apart
+    free = SeparateHead(H, proj_dim=8, aggregator="cosine", same_init=False, dropout=0.0)
+    assert not torch.equal(free.proj1.weight, free.proj2.weight)
+    assert (free(h1, h1) - 5.0).abs().max() > 0.1
