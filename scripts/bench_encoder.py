@@ -207,8 +207,8 @@ def main() -> None:
         others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
         share = others / ((wall1 - wall0) * (os.cpu_count() or 1))
         print(f"\nother processes used {others:.0f} CPU-s during the run ({share:.0%} of the machine)"
-              + ("; absolute numbers are noisy, the interleaving keeps the ratios fair"
-                 if share > 0.05 else ""))
+              + ("; absolute numbers are noisy and ratios less reliable (the interleaving helps "
+                 "only so much): rerun on a quiet machine" if share > 0.05 else ""))
 
 
 if __name__ == "__main__":

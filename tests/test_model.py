@@ -193,8 +193,9 @@ def test_dropout_only_in_train_mode():
 
 
 def test_cpu_train_attention_matches_sdpa():
-    """In train mode on CPU, attention with dropout is computed by hand (_attention_with_dropout).
-    With a dropout too small to drop anything it must equal eval mode's SDPA, padding included."""
+    """Train mode with attention dropout on (p > 0) must compute the same attention as eval mode:
+    with a dropout too small to drop anything the two agree, padding included. Guards any
+    train-only attention path (e.g. one written out by hand for speed on CPU)."""
     model = BertModel.from_config(seed=0, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=1e-12, **SMALL)
     batch = small_batch()
