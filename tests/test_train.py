@@ -1,4 +1,5 @@
 """End-to-end runs through Hydra's compose API and the real `train.py`, on the tiny model."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, smoke_overrides
 from minbert.errors import TrainingError
+from tasks import TASKS
 from trainers.run import run
 
 METRIC_KEYS = {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall",
@@ -93,13 +95,34 @@ def _patched_build(recorder):
     return lambda node, key, **kw: recorder if key == "logger" else real(node, key, **kw)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_history(compose_cfg, synthetic_root, tmp_path):
+def test_nan_loss_stops_with_a_clear_error(compose_cfg, synthetic_root, tmp_path):
     cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=3",
                                       "trainer.optimizer.lr=1e30", "heads.dropout=0.0"))
     with pytest.raises(TrainingError) as e:
         run(cfg, tmp_path)
     msg = str(e.value)
-    assert "loss became" in msg and "trainer.optimizer.lr" in msg and "history.jsonl" in msg
+    assert "loss became nan at epoch 1" in msg and "trainer.optimizer.lr" in msg
+    assert "no checkpoint yet" in msg
+
+
+def test_nan_loss_after_an_epoch_keeps_the_best_state(compose_cfg, synthetic_root, tmp_path,
+                                                      monkeypatch):
+    """A loss that turns NaN in epoch 2 stops the run; epoch 1's state and scores stay on disk."""
+    sst, calls = TASKS["sst"], []
+
+    def flaky_loss(logits, y):  # 3 SST steps an epoch: the 4th is in epoch 2
+        calls.append(1)
+        loss = sst.loss(logits, y)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    monkeypatch.setitem(TASKS, "sst", dataclasses.replace(sst, loss=flaky_loss))
+    cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=3", "data.limit_train=48"))
+    with pytest.raises(TrainingError, match="loss became nan at epoch 2") as e:
+        run(cfg, tmp_path)
+    assert "best state so far is kept in" in str(e.value)
+    assert "heads.sst.out.weight" in load_file(str(tmp_path / "best.safetensors"))
+    history = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1]
 
 
 def test_wandb_offline_logger_writes_a_local_run(compose_cfg, synthetic_root, tmp_path):

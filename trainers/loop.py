@@ -65,11 +65,7 @@ def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
         batch = batch.to(ctx.device)
         loss = task.loss(model(task.name, batch), batch.labels)
         if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the {task.name} loss became {loss.item()} at epoch {epoch}, step {ctx.step + 1}. "
-                f"The best state so far is kept in {ctx.run_dir / 'best.safetensors'} and the "
-                f"per-epoch scores in {ctx.run_dir / 'history.jsonl'}. Try a lower "
-                "trainer.optimizer.lr or set trainer.max_grad_norm=1.0.")
+            raise TrainingError(_non_finite_message(ctx, task, epoch, loss.item()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:
@@ -82,6 +78,14 @@ def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
         ctx.logger.log({f"{task.name}/train/loss": value, "epoch": epoch}, step=ctx.step)
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(1, data.num_batches(ctx.batch_size))
+
+
+def _non_finite_message(ctx: RunContext, task: Task, epoch: int, value: float) -> str:
+    best, history = ctx.run_dir / "best.safetensors", ctx.run_dir / "history.jsonl"
+    kept = (f"The best state so far is kept in {best} and the per-epoch scores in {history}. "
+            if best.exists() else "No epoch had finished, so there is no checkpoint yet. ")
+    return (f"the {task.name} loss became {value} at epoch {epoch}, step {ctx.step + 1}. {kept}"
+            "Try a lower trainer.optimizer.lr or trainer.head_lr, or set trainer.max_grad_norm=1.0.")
 
 
 @torch.inference_mode()
