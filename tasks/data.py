@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minbert.errors import DataError
+from minbert.errors import ConfigError, DataError
 from tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,9 @@ def load_task_data(tasks: list[Task], root: Path, limit_train: int | None = None
                    limit_eval: int | None = None) -> dict[str, dict[str, Split]]:
     """Reads every split of every task before any training, so bad data fails the run early.
     A missing test-student file is allowed (it only means no test predictions)."""
+    for key, limit in (("data.limit_train", limit_train), ("data.limit_eval", limit_eval)):
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ConfigError(f"{key}={limit!r} must be a positive integer, or null for no cap")
     data: dict[str, dict[str, Split]] = {}
     for task in tasks:
         splits = {}

@@ -110,6 +110,12 @@ def test_load_task_data_allows_missing_test_file_and_limits(synthetic_root):
     assert again["sst"]["train"].ids == data["sst"]["train"].ids  # a fixed subset
 
 
+@pytest.mark.parametrize("limit", [0, -5, 2.5])
+def test_bad_limits_are_config_errors(synthetic_root, limit):
+    with pytest.raises(ConfigError, match="data.limit_train=.* must be a positive integer"):
+        load_task_data(get_tasks(["sst"]), synthetic_root, limit_train=limit)
+
+
 def test_load_task_data_requires_train_and_dev(synthetic_root):
     (synthetic_root / "sts-dev.csv").unlink()
     with pytest.raises(DataError, match="sts-dev.csv not found"):
