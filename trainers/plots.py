@@ -38,7 +38,9 @@ def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
     for key in keys:
         ax_dev.plot([h["epoch"] for h in history], [h[key] for h in history], marker="o", label=key)
     ax_dev.set(xlabel="epoch", ylabel="score", title="dev scores per epoch")
-    ax_dev.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    epochs = [h["epoch"] for h in history]
+    if 0 < len(epochs) <= 20:
+        ax_dev.set_xticks(epochs)
     if keys:
         ax_dev.legend()
     fig.tight_layout()
