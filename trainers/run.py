@@ -83,6 +83,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
     tasks = get_tasks(list(cfg.order.tasks))
+    trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
     device = resolve_device(cfg.device)
@@ -90,11 +91,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
     counts = param_counts(model)
     log.info("parameters: %d trainable of %d (%.3f%%)", counts["params/trainable"],
              counts["params/total"], counts["params/updated_pct"])
-    logger = build(cfg.logger, "logger")
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
                      cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
                      generator)
-    trainer = build(cfg.trainer, "trainer")
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir)
     ok = False
     try:
