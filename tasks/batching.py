@@ -36,13 +36,16 @@ class EncodedSplit:
 
     def __init__(self, split: Split, tokenizer, max_length: int, joint: bool):
         self.split, self.joint = split, joint
-        cols = list(zip(*split.texts))
-        enc = lambda *a: tokenizer(*a, truncation=True, max_length=max_length)  # noqa: E731
+
+        def encode(*texts):
+            e = tokenizer(*texts, truncation=True, max_length=max_length)
+            return e["input_ids"], e["token_type_ids"]
+
+        columns = [[t[c] for t in split.texts] for c in range(len(split.task.text_columns))]
         if split.task.is_pair and joint:
-            e = enc(list(cols[0]), list(cols[1]))
-            self.segments = [(e["input_ids"], e["token_type_ids"])]
+            self.segments = [encode(*columns)]  # [CLS] x1 [SEP] x2 [SEP], token types 0/1
         else:
-            self.segments = [(e["input_ids"], e["token_type_ids"]) for e in map(enc, map(list, cols))]
+            self.segments = [encode(column) for column in columns]  # one segment per sentence
         self.labels = None if split.labels is None else torch.tensor(split.labels)
 
     def __len__(self) -> int:
@@ -57,7 +60,8 @@ class EncodedSplit:
             yield self.collate(order[start:start + batch_size])
 
     def collate(self, index: torch.Tensor) -> Batch:
-        rows = [(seg_ids[i], seg_types[i]) for seg_ids, seg_types in self.segments for i in index]
+        rows = [(seg_ids[i], seg_types[i]) for seg_ids, seg_types in self.segments
+                for i in index.tolist()]
         T = max(len(ids) for ids, _ in rows)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         types = torch.zeros(len(rows), T, dtype=torch.long)
