@@ -1,4 +1,4 @@
 """minBERT: our BERT encoder, its checkpoint loading, and parameter-efficient fine-tuning methods."""
-from minbert.model import BertConfig, BertModel, BertOutput, count_params
+from minbert.model import BertConfig, BertModel, BertOutput
 
-__all__ = ["BertConfig", "BertModel", "BertOutput", "count_params"]
+__all__ = ["BertConfig", "BertModel", "BertOutput"]

@@ -231,7 +231,3 @@ class BertModel(nn.Module):
         state = load_hf_state_dict(folder, expected=model.state_dict())
         model.load_state_dict(state, strict=True)
         return model
-
-
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -35,10 +35,10 @@ def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
     ax_loss.set(xlabel="step", ylabel="train loss", title="train loss per task", yscale="log")
     ax_loss.legend()
     keys = [k for k in (history[0] if history else {}) if "/dev/" in k or k == "dev/overall"]
-    for key in keys:
-        ax_dev.plot([h["epoch"] for h in history], [h[key] for h in history], marker="o", label=key)
-    ax_dev.set(xlabel="epoch", ylabel="score", title="dev scores per epoch")
     epochs = [h["epoch"] for h in history]
+    for key in keys:
+        ax_dev.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    ax_dev.set(xlabel="epoch", ylabel="score", title="dev scores per epoch")
     if 0 < len(epochs) <= 20:
         ax_dev.set_xticks(epochs)
     if keys:

@@ -118,7 +118,7 @@ def finish(ctx: RunContext, counts: dict) -> dict:
             write_predictions(ctx.run_dir, task, "test-student", test.split.ids,
                               predict(ctx, task, test))
     metrics.update(counts)
-    plot_training(ctx.run_dir, ctx.losses)
     (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_training(ctx.run_dir, ctx.losses)  # after metrics.json: a plotting failure loses nothing
     log.info("dev: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "dev" in k))
     return metrics
