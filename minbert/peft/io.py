@@ -1,0 +1,114 @@
+"""Adapters on disk: our own small file, and peft's exchange format.
+
+`save_adapter` writes `adapter_state_dict(model)` (adapters, heads, and any frozen tensors a method
+drew at random) as one safetensors file, with the method's config in its metadata, so one base
+checkpoint serves many adapters. `export_peft` writes a LoRA, LoRA-FA or DoRA adapter as peft's
+`adapter_config.json` + `adapter_model.safetensors` for `transformers.BertModel`
+(`peft.PeftModel.from_pretrained`), the exchange format of the HF ecosystem (Mangrulkar et al.,
+2022). Task heads have no place in that format and stay in our file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from minbert.checkpoint import minbert_to_hf_key
+from minbert.errors import CheckpointError
+from minbert.peft import adapter_layers, adapter_state_dict
+from minbert.peft.dora import DoraLinear
+from minbert.peft.lora import Lora, LoraLinear
+
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Writes the adapter state of `model` (see `adapter_state_dict`) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {n: t.cpu().contiguous() for n, t in adapter_state_dict(model).items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated adapter
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
+    """Loads an adapter file into a model built with the same PEFT config; returns its metadata.
+    The file must hold exactly the model's adapter tensors, with the same shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no adapter file at {path}")
+    expected = adapter_state_dict(model)
+    with safe_open(str(path), framework="pt") as f:
+        names, meta = set(f.keys()), f.metadata() or {}
+        hint = (f" The file was saved with peft {meta['peft']}; build the model with that "
+                "config." if "peft" in meta else "")
+        missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{path} does not fit this model: missing {missing[:4]}, "
+                                  f"unexpected {unexpected[:4]}.{hint}")
+        for name, target in expected.items():
+            tensor = f.get_tensor(name)
+            if tensor.shape != target.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model "
+                                      f"expects {tuple(target.shape)}.{hint}")
+            with torch.no_grad():
+                target.copy_(tensor)
+    return meta
+
+
+def _peft_name(name: str, adapted: set[str]) -> str:
+    """minBERT parameter name -> the key peft saves for `transformers.BertModel`."""
+    module, _, leaf = name.rpartition(".")
+    hf_module = minbert_to_hf_key(f"{module}.weight").removesuffix(".weight")
+    if module in adapted:
+        leaf = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+                "magnitude": "lora_magnitude_vector"}.get(leaf, f"base_layer.{leaf}")
+    return f"{PEFT_PREFIX}{hf_module}.{leaf}"
+
+
+def export_peft(encoder: nn.Module, method: Lora, out_dir: str | Path,
+                base_model: str | None = None) -> Path:
+    """Writes `encoder`'s LoRA / LoRA-FA / DoRA adapter in peft's format to `out_dir`."""
+    layers = dict(adapter_layers(encoder))
+    if not isinstance(method, Lora) or not all(isinstance(m, LoraLinear) for m in layers.values()):
+        raise CheckpointError(f"peft export supports lora, lora_fa and dora, not "
+                              f"{getattr(method, 'name', type(method).__name__)}")
+    if any(m.merged for m in layers.values()):
+        raise CheckpointError("unmerge the adapters before exporting them")
+    state = {_peft_name(n, set(layers)): t.cpu().contiguous()
+             for n, t in adapter_state_dict(encoder).items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+        "r": method.rank, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
+        "use_rslora": method.rslora, "use_dora": any(isinstance(m, DoraLinear)
+                                                     for m in layers.values()),
+        "bias": method.bias, "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None,
+        # exact module names, so that a suffix never catches a module we did not adapt
+        "target_modules": sorted(minbert_to_hf_key(f"{n}.weight").removesuffix(".weight")
+                                 for n in layers),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def method_metadata(method) -> dict:
+    """The method's config as plain data, for an adapter file's metadata."""
+    fields = dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
+    return {"peft": {"name": getattr(method, "name", type(method).__name__), **fields}}

@@ -1,0 +1,86 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021).
+
+Each targeted Linear keeps its pretrained weight W0 frozen and learns a low-rank update
+
+    W = W0 + s · B A,    A: [r, in] kaiming-uniform,  B: [out, r] zeros,  s = alpha / r
+
+so the model is unchanged at initialisation. rsLoRA (Kalajdzievski, 2023) scales by alpha / √r
+instead. Initialisation, scaling and dropout (on the adapter's input only) follow peft's
+`LoraConfig`, so an adapter exported by `minbert.peft.export` loads into `peft` unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minbert.errors import ConfigError
+from minbert.peft.layer import AdapterLinear, adapt, low_rank_update, train_biases
+
+
+class LoraLinear(AdapterLinear):
+    """y = x W0ᵀ + b + s · (drop(x) Aᵀ) Bᵀ."""
+
+    adapter_names = ("lora_A", "lora_B")
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0,
+                 train_A: bool = True):
+        super().__init__(base, dropout)
+        w = base.weight
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(w.new_empty(rank, self.in_features), requires_grad=train_A)
+        self.lora_B = nn.Parameter(w.new_zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)  # [out, r] @ [r, in] -> [out, in]
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [N, in] -> [N, out]
+        h = F.linear(self.dropout(x), self.lora_A)  # [N, in] -> [N, r]
+        return low_rank_update(y, h, self.lora_B, self.scaling)
+
+
+@dataclass
+class Lora:
+    """`peft=lora`: the method's config and `apply`. `targets` is a preset (`attn_qv`,
+    `attn_qkv`, `all_linear`) or a list of module names; `bias=all` also trains every bias.
+    `lr` is the learning rate the method trains at (the trainer's optimizer reads `${peft.lr}`);
+    `merge_eval` scores dev and test on merged weights."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: object = "attn_qkv"
+    bias: str = "none"
+    lr: float | None = None
+    merge_eval: bool = True
+    name: ClassVar[str] = "lora"
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r} must be a positive integer")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha!r} must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.targets, str):
+            self.targets = [str(t) for t in self.targets]
+        train_biases(nn.Module(), self.bias)  # validates `bias` before any model is built
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def make_layer(self, linear: nn.Linear) -> AdapterLinear:
+        return LoraLinear(linear, self.rank, self.scaling, self.dropout)
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        adapt(encoder, self.targets, self.make_layer)
+        train_biases(encoder, self.bias)
+        return encoder

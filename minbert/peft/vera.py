@@ -1,0 +1,101 @@
+"""VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2024).
+
+One pair of frozen random matrices A: [r, in_max] and B: [out_max, r] is shared by every adapted
+layer (each slices the top-left block it needs); each layer trains only two scaling vectors:
+
+    W = W0 + Λ_b B Λ_d A,    Λ_b = diag(b), b: [out] zeros;  Λ_d = diag(d), d: [r] = d_initial
+
+so the model is unchanged at init. A and B are kaiming-uniform from a seeded generator exactly as
+peft draws them (`projection_prng_key`), and they are saved with the adapter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minbert.errors import ConfigError
+from minbert.peft.layer import AdapterLinear, adapt, resolve_targets, train_biases
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """peft's VeRA init: U(-b, b) with b = √3 · √2 / √fan_in."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeraProjections(nn.Module):
+    """The shared frozen pair, registered once on the encoder (`encoder.vera`)."""
+
+    adapter_names = ("vera_A", "vera_B")
+
+    def __init__(self, rank: int, in_max: int, out_max: int, seed: int):
+        super().__init__()
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.register_buffer("vera_A", kaiming_uniform((rank, in_max), g))  # drawn first, as peft
+        self.register_buffer("vera_B", kaiming_uniform((out_max, rank), g))
+
+
+class VeraLinear(AdapterLinear):
+    """y = x W0ᵀ + b + λ_b ⊙ ((λ_d ⊙ drop(x) Aᵀ) Bᵀ)."""
+
+    adapter_names = ("lambda_b", "lambda_d")
+
+    def __init__(self, base: nn.Linear, projections: VeraProjections, dropout: float,
+                 d_initial: float):
+        super().__init__(base, dropout)
+        self.__dict__["projections"] = projections  # shared, so not registered as a child
+        rank = projections.vera_A.shape[0]
+        self.lambda_b = nn.Parameter(base.weight.new_zeros(self.out_features))
+        self.lambda_d = nn.Parameter(base.weight.new_full((rank,), d_initial))
+
+    def _A_B(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.projections
+        return p.vera_A[:, :self.in_features], p.vera_B[:self.out_features]  # [r, in], [out, r]
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B = self._A_B()
+        return (self.lambda_b.unsqueeze(1) * B) @ (self.lambda_d.unsqueeze(1) * A)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self._A_B()
+        y = F.linear(x, self.weight, self.bias)  # [N, out]
+        h = F.linear(self.dropout(x), A) * self.lambda_d  # [N, r]
+        return torch.addcmul(y, F.linear(h, B), self.lambda_b)
+
+
+@dataclass
+class Vera:
+    """`peft=vera`: shared random projections of rank `rank`, trained scaling vectors."""
+
+    rank: int = 256
+    d_initial: float = 0.1
+    dropout: float = 0.0
+    seed: int = 0  # peft's projection_prng_key
+    targets: object = "attn_qkv"
+    bias: str = "none"
+    lr: float | None = None
+    merge_eval: bool = True
+    name: ClassVar[str] = "vera"
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r} must be a positive integer")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.targets, str):
+            self.targets = [str(t) for t in self.targets]
+        train_biases(nn.Module(), self.bias)
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        weights = [encoder.get_submodule(n).weight for n in resolve_targets(encoder, self.targets)]
+        out_max, in_max = (max(w.shape[i] for w in weights) for i in (0, 1))
+        encoder.vera = VeraProjections(self.rank, in_max, out_max, self.seed).to(weights[0])
+        adapt(encoder, self.targets,
+              lambda linear: VeraLinear(linear, encoder.vera, self.dropout, self.d_initial))
+        train_biases(encoder, self.bias)
+        return encoder

@@ -1,0 +1,190 @@
+"""The PEFT test matrix: every method, on the tiny random encoder and on the packaged MiniLM.
+
+Init leaves the model unchanged; exactly the intended parameters train; merged equals unmerged and
+unmerge restores W0 bit for bit; one optimizer step changes exactly the trainable parameters;
+adapters round-trip through their file; parameter accounting matches hand-computed counts.
+The comparisons against `peft` itself are in test_peft_oracle.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minbert.errors import CheckpointError, ConfigError
+from minbert.model import BertConfig, BertModel
+from minbert.peft import (adapter_layers, adapter_state_dict, merge, merge_and_unload, merged,
+                          param_counts, trainable_params, unmerge)
+from minbert.peft.io import load_adapter, save_adapter
+from minbert.peft.dora import Dora
+from minbert.peft.lora import Lora
+from minbert.peft.vera import Vera
+from peft_cases import (EXPECTED_TRAINABLE, METHODS, TINY, base_encoder, batch, hidden, loss,
+                        method_ids, model_ids, perturb)
+
+
+def adapted(method: str, model: str):
+    return METHODS[method]().apply(base_encoder(model))
+
+
+@method_ids
+@model_ids
+def test_output_at_init_equals_the_base_model(method, model):
+    b = batch()
+    with torch.no_grad():
+        want = hidden(base_encoder(model), b)
+        got = hidden(adapted(method, model), b)
+    assert (got - want).abs().max() < 1e-5  # DoRA: m / ||W0|| = 1, then fp32 rounding
+
+
+@method_ids
+def test_only_the_intended_parameters_train(method):
+    encoder = adapted(method, "tiny")
+    modules, tensors, biases = EXPECTED_TRAINABLE[method]
+    want = {f"layers.{i}.{m}.{t}" for i in range(2) for m in modules for t in tensors}
+    if biases:
+        want |= {n for n, _ in encoder.named_parameters() if n.endswith("bias")}
+    assert {n for n, _ in trainable_params(encoder)} == want
+
+
+@method_ids
+@model_ids
+def test_merged_equals_unmerged_and_unmerge_restores_w0(method, model):
+    encoder = adapted(method, model)
+    perturb(encoder)
+    frozen = {n: p.clone() for n, p in encoder.named_parameters() if not p.requires_grad}
+    b = batch()
+    with torch.no_grad():
+        unmerged_out = hidden(encoder, b)
+        with merged(encoder):
+            assert all(layer.merged for _, layer in adapter_layers(encoder))
+            merged_out = hidden(encoder, b)
+        again = hidden(encoder, b)
+    assert (merged_out - unmerged_out).abs().max() < 1e-5
+    assert (merged_out - unmerged_out).abs().max() > 0 or method == "vera"  # really merged
+    assert torch.equal(again, unmerged_out)
+    assert all(torch.equal(p, frozen[n]) for n, p in encoder.named_parameters() if n in frozen)
+
+
+@method_ids
+def test_merge_and_unload_leaves_plain_linears_with_the_same_outputs(method):
+    encoder = adapted(method, "tiny")
+    perturb(encoder)
+    b = batch()
+    with torch.no_grad():
+        want = hidden(encoder, b)
+        merge_and_unload(encoder)
+        got = hidden(encoder, b)
+    assert not list(adapter_layers(encoder)) and not adapter_state_dict(encoder).keys() - {
+        n for n, _ in encoder.named_parameters() if n.endswith("bias")}
+    assert set(encoder.state_dict()) == set(BertModel.from_config(**TINY).state_dict())
+    assert (got - want).abs().max() < 1e-5
+
+
+@method_ids
+def test_one_step_changes_exactly_the_trainable_parameters(method):
+    encoder = adapted(method, "tiny").train()
+    perturb(encoder)  # from B = 0 the gradient of A would be zero
+    before = {n: t.clone() for n, t in encoder.state_dict().items()}
+    optimizer = torch.optim.SGD([p for _, p in trainable_params(encoder)], lr=0.1)
+    loss(hidden(encoder, batch())).backward()
+    optimizer.step()
+    changed = {n for n, t in encoder.state_dict().items() if not torch.equal(t, before[n])}
+    assert changed == {n for n, _ in trainable_params(encoder)}
+
+
+@method_ids
+def test_adapter_file_round_trips(method, tmp_path):
+    encoder = adapted(method, "tiny")
+    perturb(encoder, seed=1)
+    path = save_adapter(encoder, tmp_path / "adapter.safetensors", {"peft": {"name": method}})
+    torch.manual_seed(123)  # a different random init of A (and, for VeRA, a different seed below)
+    fresh = METHODS[method]()
+    if method == "vera":
+        fresh.seed = 99
+    fresh = fresh.apply(base_encoder("tiny"))
+    b = batch()
+    with torch.no_grad():
+        assert (hidden(fresh, b) - hidden(encoder, b)).abs().max() > 1e-4
+        meta = load_adapter(fresh, path)
+        assert torch.equal(hidden(fresh, b), hidden(encoder, b))
+    assert meta["peft"] == '{"name": "' + method + '"}'
+    full = sum(t.numel() for t in encoder.state_dict().values())
+    assert sum(t.numel() for t in adapter_state_dict(encoder).values()) < full / 2
+
+
+def test_adapter_file_for_another_config_is_a_clear_error(tmp_path):
+    encoder = Lora(rank=4).apply(base_encoder("tiny"))
+    path = save_adapter(encoder, tmp_path / "a.safetensors", {"peft": {"name": "lora", "rank": 4}})
+    with pytest.raises(CheckpointError, match=r"lora_A has shape \(4, 64\).*expects \(8, 64\)"
+                                              r".*saved with peft"):
+        load_adapter(Lora(rank=8).apply(base_encoder("tiny")), path)
+    with pytest.raises(CheckpointError, match="missing.*layers.0.attn.out.lora_A"):
+        load_adapter(Lora(rank=4, targets="all_linear").apply(base_encoder("tiny")), path)
+    with pytest.raises(CheckpointError, match="no adapter file"):
+        load_adapter(encoder, tmp_path / "nope.safetensors")
+
+
+def test_unmerge_never_drifts_over_many_merge_cycles():
+    encoder = adapted("dora", "tiny")
+    perturb(encoder)
+    w0 = {n: p.clone() for n, p in encoder.named_parameters() if not p.requires_grad}
+    for _ in range(50):
+        merge(encoder)
+        unmerge(encoder)
+    assert all(torch.equal(p, w0[n]) for n, p in encoder.named_parameters() if n in w0)
+
+
+def test_training_a_merged_layer_is_refused():
+    encoder = adapted("lora", "tiny").train()
+    merge(encoder)
+    with pytest.raises(RuntimeError, match="merged; unmerge it before training"):
+        hidden(encoder, batch())
+
+
+# ---- parameter accounting (the report's Table 2 "Parameters updated") ---------------------------
+def bert_base_on_meta(method) -> BertModel:
+    with torch.device("meta"):
+        return method.apply(BertModel(BertConfig()))
+
+
+@pytest.mark.parametrize("rank,targets,per_layer", [
+    (2, "attn_qkv", 3 * 2 * (768 + 768)),
+    (64, "all_linear", 4 * 64 * 1536 + 2 * 64 * (768 + 3072)),
+])
+def test_lora_param_counts_on_bert_base(rank, targets, per_layer):
+    counts = param_counts(bert_base_on_meta(Lora(rank=rank, targets=targets)))
+    base = 109_482_240  # bert-base-uncased's BertModel, pooler included
+    assert counts["params/trainable"] == 12 * per_layer
+    assert counts["params/total"] == base + 12 * per_layer
+    if rank == 2:
+        assert round(counts["params/updated_pct"], 2) == 0.10  # the report: about 0.1 %
+
+
+def test_dora_and_vera_param_counts():
+    dora = param_counts(bert_base_on_meta(Dora(rank=8, targets="attn_qv")))
+    assert dora["params/trainable"] == 12 * 2 * (8 * 1536 + 768)  # A, B and m per layer
+    vera = param_counts(bert_base_on_meta(Vera(rank=256, targets="all_linear")))
+    assert vera["params/trainable"] == 12 * (4 * (768 + 256) + (3072 + 256) + (768 + 256))
+    assert vera["params/total"] == 109_482_240 + vera["params/trainable"]  # A, B are buffers
+
+
+# ---- bad config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rank": 0}, "rank=0 must be a positive integer"),
+    ({"alpha": 0}, "alpha=0 must be positive"),
+    ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+    ({"bias": "lora_only"}, r"bias='lora_only'; use one of \['none', 'all'\]"),
+])
+def test_bad_lora_options_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Lora(**kwargs)
+
+
+def test_unknown_targets_are_config_errors():
+    with pytest.raises(ConfigError, match=r"targets='qkv' is not a preset.*all_linear"):
+        Lora(targets="qkv").apply(base_encoder("tiny"))
+    with pytest.raises(ConfigError, match=r"'attn.gate' matches no Linear module.*layers.0.attn"):
+        Lora(targets=["attn.query", "attn.gate"]).apply(base_encoder("tiny"))
+    encoder = Lora(targets=["layers.1.attn.value", "ffn.up"]).apply(base_encoder("tiny"))
+    assert [n for n, _ in adapter_layers(encoder)] == ["layers.0.ffn.up", "layers.1.attn.value",
+                                                       "layers.1.ffn.up"]
