@@ -5,7 +5,7 @@
     python train.py -m order=sst-para-sts,para-sts-sst trainer.epochs=1 data.limit_train=64
     python train.py debug=smoke                       # seconds-long end-to-end check
 
-Each run writes metrics.json, history.jsonl, best.safetensors and predictions/ to its run dir.
+Each run writes metrics.json, history.jsonl, adapter.safetensors and predictions/ to its run dir.
 """
 import logging
 import sys

@@ -37,7 +37,7 @@ def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthe
     sst_dev = (tmp_path / "run" / "predictions" / "sst-dev-output.csv").read_text().splitlines()
     assert [l.split(" , ")[0] for l in sst_dev[1:]] == [f"sdev{i}" for i in range(40)]
     assert {l.split(" , ")[1].strip() for l in sst_dev[1:]} <= {"0", "1", "2", "3", "4"}
-    state = load_file(str(tmp_path / "run" / "best.safetensors"))
+    state = load_file(str(tmp_path / "run" / "adapter.safetensors"))
     assert "heads.sst.out.weight" in state and "encoder.layers.0.attn.query.weight" in state
     history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1]
@@ -120,7 +120,7 @@ def test_nan_loss_after_an_epoch_keeps_the_best_state(compose_cfg, synthetic_roo
     with pytest.raises(TrainingError, match="loss became nan at epoch 2") as e:
         run(cfg, tmp_path)
     assert "best state so far is kept in" in str(e.value)
-    assert "heads.sst.out.weight" in load_file(str(tmp_path / "best.safetensors"))
+    assert "heads.sst.out.weight" in load_file(str(tmp_path / "adapter.safetensors"))
     history = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1]
 

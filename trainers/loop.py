@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from minbert.errors import TrainingError
-from minbert.peft import trainable_params
+from minbert.peft import merged, trainable_params
+from minbert.peft.io import load_adapter, method_metadata, save_adapter
 from tasks.base import Task, overall_score
 from tasks.batching import EncodedSplit
 from tasks.model import MultitaskModel
@@ -37,6 +37,7 @@ class RunContext:
     device: torch.device = torch.device("cpu")
     progress: bool = True
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    method: object = None  # the PEFT method: its `merge_eval` and its config for adapter files
     step: int = 0
     losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 
@@ -81,7 +82,7 @@ def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
 
 
 def _non_finite_message(ctx: RunContext, task: Task, epoch: int, value: float) -> str:
-    best, history = ctx.run_dir / "best.safetensors", ctx.run_dir / "history.jsonl"
+    best, history = ctx.run_dir / ADAPTER_FILE, ctx.run_dir / "history.jsonl"
     kept = (f"The best state so far is kept in {best} and the per-epoch scores in {history}. "
             if best.exists() else "No epoch had finished, so there is no checkpoint yet. ")
     return (f"the {task.name} loss became {value} at epoch {epoch}, step {ctx.step + 1}. {kept}"
@@ -101,39 +102,43 @@ def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
 
 
 def evaluate(ctx: RunContext, split: str = "dev") -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Scores every task on a labelled split: `task/split/metric` keys plus `split/overall`."""
+    """Scores every task on a labelled split: `task/split/metric` keys plus `split/overall`.
+    Adapters are merged into the weights for it unless the method says `merge_eval: false`."""
     metrics, preds = {}, {}
-    for task in ctx.tasks:
-        data = ctx.data[split][task.name]
-        preds[task.name] = predict(ctx, task, data)
-        gold = data.labels.numpy()
-        metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
+    with merged(ctx.model, enabled=getattr(ctx.method, "merge_eval", False)):
+        for task in ctx.tasks:
+            data = ctx.data[split][task.name]
+            preds[task.name] = predict(ctx, task, data)
+            gold = data.labels.numpy()
+            metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
     if split == "dev":
         metrics["dev/overall"] = overall_score(ctx.tasks, metrics)
     return metrics, preds
 
 
-class BestCheckpoint:
-    """Keeps the trainable state with the best dev score as safetensors in the run dir.
-    Frozen parameters never change, so the trainable ones (heads included) are the whole state."""
+ADAPTER_FILE = "adapter.safetensors"
 
-    def __init__(self, path: Path):
+
+class BestCheckpoint:
+    """Keeps the state with the best dev score as the run's adapter file: every trainable
+    parameter (heads included) plus the frozen tensors the method drew. The base weights never
+    change, so with the base checkpoint that file is the whole model."""
+
+    def __init__(self, path: Path, method=None):
         self.path, self.score, self.epoch = path, float("-inf"), None
+        self.metadata = method_metadata(method) if method is not None else {}
 
     def update(self, model: torch.nn.Module, score: float, epoch: int) -> bool:
         if not score > self.score:
             return False
-        state = {n: p.detach().cpu().contiguous() for n, p in trainable_params(model)}
-        save_file(state, str(self.path), metadata={"score": str(score), "epoch": str(epoch)})
+        save_adapter(model, self.path, {**self.metadata, "score": score, "epoch": epoch})
         self.score, self.epoch = score, epoch
         return True
 
     def restore(self, model: torch.nn.Module) -> None:
         if self.epoch is None:
             return
-        state = load_file(str(self.path))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected, f"checkpoint has unknown keys {unexpected[:3]}"
+        load_adapter(model, self.path)
         log.info("restored the best state (epoch %d, dev/overall %.4f)", self.epoch, self.score)
 
 

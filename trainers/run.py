@@ -54,12 +54,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: DictConfig, tasks) -> MultitaskModel:
-    encoder = build(cfg.model.encoder, "model.encoder")
+def build_method(cfg: DictConfig) -> PeftMethod:
     method = build(cfg.peft, "peft")
     if not isinstance(method, PeftMethod):
         raise ConfigError(f"peft: {type(method).__name__} has no apply(encoder) method")
-    encoder = method.apply(encoder)
+    return method
+
+
+def build_model(cfg: DictConfig, tasks, method: PeftMethod | None = None) -> MultitaskModel:
+    """The encoder with the PEFT method applied, and a fresh (trainable) head per task."""
+    encoder = build(cfg.model.encoder, "model.encoder")
+    try:
+        encoder = (method or build_method(cfg)).apply(encoder)
+    except ConfigError as e:
+        raise ConfigError(f"peft: {e}") from e
     heads = {t.name: build(cfg.heads[t.name], f"heads.{t.name}", hidden_size=encoder.hidden_size)
              for t in tasks}
     return MultitaskModel(encoder, heads, pooling=cfg.model.pooling)
@@ -84,16 +92,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
     generator = seed_everything(cfg.seed)
     tasks = get_tasks(list(cfg.order.tasks))
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
+    method = build_method(cfg)
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
     device = resolve_device(cfg.device)
-    model = build_model(cfg, tasks).to(device)
+    model = build_model(cfg, tasks, method).to(device)
     counts = param_counts(model)
     log.info("parameters: %d trainable of %d (%.3f%%)", counts["params/trainable"],
              counts["params/total"], counts["params/updated_pct"])
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
                      cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
-                     generator)
+                     generator, method)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir)
     ok = False
     try:

@@ -8,8 +8,8 @@ import logging
 from typing import Callable
 
 from minbert.errors import ConfigError
-from trainers.loop import (BestCheckpoint, RunContext, append_history, evaluate, param_groups,
-                           train_task_epoch)
+from trainers.loop import (ADAPTER_FILE, BestCheckpoint, RunContext, append_history, evaluate,
+                           param_groups, train_task_epoch)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class SequentialTrainer:
 
     def fit(self, ctx: RunContext) -> dict[str, float]:
         optimizer = self.optimizer(param_groups(ctx.model, self.head_lr))
-        best = BestCheckpoint(ctx.run_dir / "best.safetensors")
+        best = BestCheckpoint(ctx.run_dir / ADAPTER_FILE, ctx.method)
         for epoch in range(1, self.epochs + 1):
             losses = {t.name: train_task_epoch(ctx, t, optimizer, epoch, self.max_grad_norm)
                       for t in ctx.tasks}

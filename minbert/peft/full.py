@@ -2,11 +2,16 @@
 (Devlin et al., 2019). It is the baseline of the PEFT study's tables."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from torch import nn
 
 
+@dataclass
 class FullFinetune:
-    name = "none"
+    lr: float | None = None  # the learning rate it trains at; the optimizer reads ${peft.lr}
+    name: ClassVar[str] = "none"
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         for p in encoder.parameters():
