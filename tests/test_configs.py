@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from conftest import CONF
 from minbert import BertModel
 from minbert.errors import CheckpointError, ConfigError
-from minbert.peft import PeftMethod
+from minbert.peft import PeftMethod, param_counts
 from tasks import get_tasks
 from trainers.run import build, build_model, resolve_device
 
@@ -21,7 +21,8 @@ def test_groups_have_the_documented_choices():
     assert options("model") == ["bert-base", "minilm", "tiny"]
     assert options("heads") == ["concat", "joint", "separate"]
     assert len(options("order")) == 6
-    assert {"none"} <= set(options("peft")) and {"sequential"} <= set(options("trainer"))
+    assert {"none", "lora", "lora_fa", "dora", "vera"} <= set(options("peft"))
+    assert {"sequential"} <= set(options("trainer"))
     assert options("logger") == ["none", "wandb"]
 
 
@@ -58,9 +59,14 @@ def test_bert_base_offline_is_a_clear_checkpoint_error(compose_cfg, monkeypatch,
 
 
 @pytest.mark.parametrize("peft", options("peft"))
-def test_peft_options_instantiate(compose_cfg, peft):
-    method = instantiate(compose_cfg([f"peft={peft}"]).peft)
-    assert isinstance(method, PeftMethod)
+def test_peft_options_instantiate_and_apply(compose_cfg, peft):
+    cfg = compose_cfg(["model=tiny", f"peft={peft}"])
+    method = instantiate(cfg.peft)
+    assert isinstance(method, PeftMethod) and cfg.trainer.optimizer.lr == cfg.peft.lr
+    model = build_model(cfg, get_tasks(["sst"]), method)
+    counts = param_counts(model)
+    assert 0 < counts["params/trainable"] <= counts["params/total"]
+    assert all(p.requires_grad for p in model.heads.parameters())  # heads always train
 
 
 @pytest.mark.parametrize("heads", options("heads"))

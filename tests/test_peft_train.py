@@ -1,0 +1,123 @@
+"""Every PEFT method end to end: through sequential multi-task training on the tiny model, to
+`metrics.json`, an adapter file that rebuilds the run's predictions on a fresh base model, and
+(LoRA/DoRA) a peft export of the finished run."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from conftest import REPO, smoke_overrides
+from minbert.checkpoint import minbert_to_hf_key
+from minbert.peft import param_counts
+from minbert.peft.io import load_adapter, read_metadata
+from tasks import get_tasks
+from trainers.loop import RunContext, predict
+from tasks.data import load_task_data
+from trainers.run import build, build_method, build_model, encode_data, run
+
+METHODS = ["lora", "lora_fa", "dora", "vera"]
+
+
+def read_predictions(path) -> np.ndarray:
+    """The values of a CS224N leaderboard file (`id , value` lines after a header)."""
+    return np.array([float(line.split(" , ")[1]) for line in path.read_text().splitlines()[1:]])
+
+
+def run_method(compose_cfg, root, out, method, *extra):
+    cfg = compose_cfg(smoke_overrides(root, f"peft={method}", "trainer.epochs=2", *extra))
+    run(cfg, out)
+    (out / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # as train.py's Hydra would
+    return cfg, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, synthetic_root,
+                                                                   tmp_path, method):
+    cfg, metrics = run_method(compose_cfg, synthetic_root, tmp_path, method)
+    tasks = get_tasks(list(cfg.order.tasks))
+    fresh = build_model(cfg, tasks, build_method(cfg))
+    counts = param_counts(fresh)
+    assert metrics["params/trainable"] == counts["params/trainable"]
+    assert metrics["params/updated_pct"] == pytest.approx(counts["params/updated_pct"])
+    assert 0 < metrics["params/updated_pct"] < 50
+
+    state = load_file(str(tmp_path / "adapter.safetensors"))
+    assert not any(k.endswith(".weight") and k.startswith("encoder.") for k in state)  # no W0
+    adapter = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items()
+                           if k.endswith(("lora_B", "lambda_b")))  # the adapter trained
+    assert json.loads(read_metadata(tmp_path / "adapter.safetensors")["peft"])["name"] == method
+
+    load_adapter(fresh, tmp_path / "adapter.safetensors")  # one base model, many adapters
+    raw = load_task_data(tasks, synthetic_root, None, None)
+    data = encode_data(cfg, fresh, raw)
+    ctx = RunContext(fresh, tasks, data, tmp_path, None, progress=False)
+    for task in tasks:
+        want = read_predictions(tmp_path / "predictions" / f"{task.name}-dev-output.csv")
+        got = predict(ctx, task, data["dev"][task.name])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_merged_and_unmerged_evaluation_agree(compose_cfg, synthetic_root, tmp_path):
+    _, merged = run_method(compose_cfg, synthetic_root, tmp_path / "a", "dora")
+    _, unmerged = run_method(compose_cfg, synthetic_root, tmp_path / "b", "dora",
+                             "peft.merge_eval=false")
+    for key in ("sst/dev/acc", "para/dev/acc"):
+        assert merged[key] == unmerged[key]
+    assert merged["sts/dev/pearson"] == pytest.approx(unmerged["sts/dev/pearson"], abs=1e-5)
+
+
+def test_the_peft_lr_sets_the_optimizer_lr_unless_overridden(compose_cfg):
+    assert compose_cfg(["peft=lora"]).trainer.optimizer.lr == 5e-4
+    assert compose_cfg(["peft=none"]).trainer.optimizer.lr == 1e-5
+    cfg = compose_cfg(["peft=lora", "trainer.optimizer.lr=3e-3"])
+    assert cfg.trainer.optimizer.lr == 3e-3
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_export_script_writes_an_adapter_peft_loads(compose_cfg, synthetic_root, tmp_path, method):
+    cfg, _ = run_method(compose_cfg, synthetic_root, tmp_path / "run", method,
+                        "peft.targets=all_linear", "peft.bias=all")
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "scripts/export_peft.py", str(tmp_path / "run"), str(out)],
+                   cwd=REPO, check=True, capture_output=True)
+    ours = build_model(cfg, get_tasks(list(cfg.order.tasks)), build_method(cfg)).eval()
+    load_adapter(ours, tmp_path / "run" / "adapter.safetensors")
+    hf = transformers.BertModel(transformers.BertConfig(**{
+        k: getattr(ours.encoder.config, k) for k in ("hidden_size", "num_hidden_layers",
+                                                     "num_attention_heads", "intermediate_size",
+                                                     "max_position_embeddings")}))
+    base = build(cfg.model.encoder, "model.encoder")  # the tiny run's base weights (seeded)
+    hf.load_state_dict({minbert_to_hf_key(k): v for k, v in base.state_dict().items()})
+    pm = peft.PeftModel.from_pretrained(hf.eval(), str(out)).eval()
+    ids = torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        a = ours.encoder(ids, mask).last_hidden_state
+        b = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b).abs().max() < 1e-4
+    assert set(load_file(str(out / "minbert_heads.safetensors"))) >= {"sst.out.weight"}
+
+
+def test_export_script_reports_a_missing_run(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/export_peft.py", str(tmp_path), str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "config.yaml not found: pass the folder of a run" in r.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("peft.rank=0", "error: peft: rank=0 must be a positive integer"),
+    ("peft.targets=qkv", "error: peft: targets='qkv' is not a preset"),
+])
+def test_bad_peft_options_fail_with_one_line(synthetic_root, override, message):
+    r = subprocess.run([sys.executable, "train.py", *smoke_overrides(synthetic_root, "peft=lora"),
+                        override], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
