@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 from conftest import REPO, smoke_overrides
 from minbert.errors import TrainingError
 from tasks import TASKS
-from trainers.run import run
+from trainers.run import build_model, run
 
 METRIC_KEYS = {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall",
-               "params/trainable", "params/total", "params/updated_pct"}
+               "params/trainable", "params/total", "params/updated_pct",
+               "memory/param_bytes", "memory/trainable_param_bytes", "memory/grad_bytes",
+               "memory/optimizer_state_bytes", "memory/peak_bytes"}
 
 
 @pytest.mark.parametrize("heads", ["concat", "separate", "joint"])
@@ -31,6 +33,11 @@ def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthe
     want = (metrics["sst/dev/acc"] + metrics["para/dev/acc"] + (metrics["sts/dev/pearson"] + 1) / 2) / 3
     assert metrics["dev/overall"] == pytest.approx(want)
     assert metrics["params/updated_pct"] == 100.0 and metrics["params/trainable"] > 2_000_000
+    n_tensors = sum(1 for _ in build_model(cfg, TASKS.values()).parameters())
+    assert metrics["memory/param_bytes"] == metrics["memory/grad_bytes"] == 4 * metrics["params/total"]
+    # torch AdamW: exp_avg and exp_avg_sq per parameter, and a float32 tensor `step` per tensor
+    assert metrics["memory/optimizer_state_bytes"] == 2 * 4 * metrics["params/total"] + 4 * n_tensors
+    assert metrics["memory/peak_bytes"] >= 0  # RSS growth during training; 0 if none
     for name in ["sst-dev", "sst-test", "para-dev", "para-test", "sts-dev", "sts-test"]:
         lines = (tmp_path / "run" / "predictions" / f"{name}-output.csv").read_text().splitlines()
         assert lines[0].startswith("id \t Predicted_") and len(lines) == 41

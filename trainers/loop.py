@@ -38,6 +38,8 @@ class RunContext:
     progress: bool = True
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     method: object = None  # the PEFT method: its `merge_eval` and its config for adapter files
+    state_bits: int = 32  # optim.state_bits: 8 stores optimizer moments block-wise in 8 bits
+    optimizer: object = None  # set by the trainer, read for memory accounting
     step: int = 0
     losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 

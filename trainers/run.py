@@ -23,6 +23,7 @@ from tasks.batching import EncodedSplit
 from tasks.data import load_task_data, resolve_root
 from tasks.model import MultitaskModel
 from trainers.loop import RunContext, evaluate, predict, write_predictions
+from trainers.memory import PeakMemory, memory_metrics
 from trainers.plots import plot_training
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
              counts["params/total"], counts["params/updated_pct"])
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
                      cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
-                     generator, method)
+                     generator, method, cfg.optim.state_bits)
     logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir)
     ok = False
     try:
         logger.log(counts, step=0)
-        trainer.fit(ctx)
-        metrics = finish(ctx, counts)
+        with PeakMemory(device) as peak:
+            trainer.fit(ctx)
+        metrics = finish(ctx, {**counts, **memory_metrics(model, ctx.optimizer, peak.bytes)})
         logger.summary(metrics)
         ok = True
     finally:
@@ -117,7 +119,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
 
 
 def finish(ctx: RunContext, counts: dict) -> dict:
-    """Scores the best state on dev, writes predictions for dev and test, and `metrics.json`."""
+    """Scores the best state on dev, writes predictions for dev and test, and `metrics.json`
+    (dev scores, then `counts`: parameter and memory accounting)."""
     metrics, dev_preds = evaluate(ctx, "dev")
     for task in ctx.tasks:
         write_predictions(ctx.run_dir, task, "dev", ctx.data["dev"][task.name].split.ids,

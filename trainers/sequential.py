@@ -9,7 +9,8 @@ from typing import Callable
 
 from minbert.errors import ConfigError
 from trainers.loop import (ADAPTER_FILE, BestCheckpoint, RunContext, append_history, evaluate,
-                           param_groups, train_task_epoch)
+                           train_task_epoch)
+from trainers.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ class SequentialTrainer:
         self.max_grad_norm = max_grad_norm
 
     def fit(self, ctx: RunContext) -> dict[str, float]:
-        optimizer = self.optimizer(param_groups(ctx.model, self.head_lr))
+        optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
+                                    ctx.state_bits)
+        ctx.optimizer = optimizer  # for the run's memory accounting
         best = BestCheckpoint(ctx.run_dir / ADAPTER_FILE, ctx.method)
         for epoch in range(1, self.epochs + 1):
             losses = {t.name: train_task_epoch(ctx, t, optimizer, epoch, self.max_grad_norm)
