@@ -43,6 +43,30 @@ def adam_moments(state: dict, grad: torch.Tensor, beta1: float, beta2: float, qu
     return exp_avg, exp_avg_sq
 
 
+def check_adam_args(lr: float, betas: tuple[float, float], eps: float) -> None:
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
+    for b in betas:
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter: {b} - should be in [0.0, 1.0)")
+    if eps < 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps} - should be >= 0.0")
+
+
+def step_each(optimizer: torch.optim.Optimizer, closure=None):
+    """An optimizer step as a loop over parameters with gradients: `optimizer._update(p, group)`
+    for each, after running `closure` (with gradients enabled) if given."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                optimizer._update(p, group)
+    return loss
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay applied before the step, bias correction, eps added
     to the bias-corrected sqrt(v)) whose moments are block-wise 8-bit QuantizedTensors.
@@ -56,13 +80,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, scheme: str = "dynamic",
                  block_size: int = 256, min_8bit_size: int = MIN_8BIT_SIZE):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
-        for b in betas:
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter: {b} - should be in [0.0, 1.0)")
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps} - should be >= 0.0")
+        check_adam_args(lr, betas, eps)
         if scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scheme=scheme,
@@ -71,15 +89,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
+        return step_each(self, closure)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if p.grad.is_sparse:

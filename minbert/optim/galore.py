@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from minbert.optim.adamw8 import MIN_8BIT_SIZE, adam_moments
+from minbert.optim.adamw8 import MIN_8BIT_SIZE, adam_moments, check_adam_args, step_each
 from minbert.optim.quant import SCHEMES, QuantizedTensor
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -127,13 +127,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                  no_deprecation_warning: bool = False,  # accepted for galore-torch compatibility
                  state_bits: int = 32, scheme: str = "dynamic", block_size: int = 256,
                  min_8bit_size: int = MIN_8BIT_SIZE):
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
-        for b in betas:
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter: {b} - should be in [0.0, 1.0)")
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps} - should be >= 0.0")
+        check_adam_args(lr, betas, eps)
         if state_bits not in STATE_BITS:
             raise ValueError(f"GaLoreAdamW state_bits must be one of {', '.join(map(str, STATE_BITS))}, "
                              f"got {state_bits!r}")
@@ -152,15 +146,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
+        return step_each(self, closure)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         grad = p.grad

@@ -15,6 +15,11 @@ module and a `conf/peft/<name>.yaml`.
 | lora_fa | lora_fa.py | Zhang et al., 2023           |
 | dora    | dora.py    | Liu et al., 2024             |
 | vera    | vera.py    | Kopiczko et al., 2024        |
+| galore  | galore.py  | Zhao et al., 2024            |
+| gradnormlorp | gradnormlorp.py | Huang et al., 2025  |
+
+GaLore and GradNormLoRP also shape the optimizer: they add `param_groups(model, groups)`, which
+tags the parameters whose gradients are projected (`trainers/optim.py` builds GaLoreAdamW then).
 """
 from __future__ import annotations
 

@@ -58,6 +58,19 @@ def adapt(encoder: nn.Module, targets, make_layer) -> list[str]:
     return names
 
 
+def check_options(method) -> None:
+    """Validates the options the adapter methods share (`rank`, `dropout`, `targets`, `bias`)
+    before any model is built, and turns a Hydra list of targets into a plain list."""
+    if not isinstance(method.rank, int) or method.rank < 1:
+        raise ConfigError(f"rank={method.rank!r} must be a positive integer")
+    if not 0 <= method.dropout < 1:
+        raise ConfigError(f"dropout={method.dropout!r} must be in [0, 1)")
+    if not isinstance(method.targets, str):
+        method.targets = [str(t) for t in method.targets]
+    if method.bias not in BIAS_CHOICES:
+        raise ConfigError(f"bias={method.bias!r}; use one of {list(BIAS_CHOICES)}")
+
+
 def train_biases(model: nn.Module, bias: str) -> None:
     """peft's `bias="all"`: every parameter named `*bias` (Linear and LayerNorm) trains too."""
     if bias not in BIAS_CHOICES:

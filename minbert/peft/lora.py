@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minbert.errors import ConfigError
-from minbert.peft.layer import AdapterLinear, adapt, low_rank_update, train_biases
+from minbert.peft.layer import (AdapterLinear, adapt, check_options, low_rank_update,
+                                train_biases)
 
 
 class LoraLinear(AdapterLinear):
@@ -63,15 +64,9 @@ class Lora:
     name: ClassVar[str] = "lora"
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"rank={self.rank!r} must be a positive integer")
+        check_options(self)
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha!r} must be positive")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not isinstance(self.targets, str):
-            self.targets = [str(t) for t in self.targets]
-        train_biases(nn.Module(), self.bias)  # validates `bias` before any model is built
 
     @property
     def scaling(self) -> float:

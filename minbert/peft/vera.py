@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.errors import ConfigError
-from minbert.peft.layer import AdapterLinear, adapt, resolve_targets, train_biases
+from minbert.peft.layer import (AdapterLinear, adapt, check_options, resolve_targets,
+                                train_biases)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -83,13 +83,7 @@ class Vera:
     name: ClassVar[str] = "vera"
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"rank={self.rank!r} must be a positive integer")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
-        if not isinstance(self.targets, str):
-            self.targets = [str(t) for t in self.targets]
-        train_biases(nn.Module(), self.bias)
+        check_options(self)
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         weights = [encoder.get_submodule(n).weight for n in resolve_targets(encoder, self.targets)]
