@@ -48,6 +48,8 @@ def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, 
     assert metrics["params/trainable"] == counts["params/trainable"]
     assert metrics["params/updated_pct"] == pytest.approx(counts["params/updated_pct"])
     assert 0 < metrics["params/updated_pct"] < 50
+    assert metrics["memory/trainable_param_bytes"] == 4 * counts["params/trainable"]
+    assert 0 < metrics["memory/optimizer_state_bytes"] < 3 * metrics["memory/trainable_param_bytes"]
 
     state = load_file(str(tmp_path / "adapter.safetensors"))
     assert not any(k.endswith(".weight") and k.startswith("encoder.") for k in state)  # no W0
