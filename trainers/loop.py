@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ class RunContext:
     method: object = None  # the PEFT method: its `merge_eval` and its config for adapter files
     state_bits: int = 32  # optim.state_bits: 8 stores optimizer moments block-wise in 8 bits
     optimizer: object = None  # set by the trainer, read for memory accounting
+    # task name -> a context in which the model holds that task's weights (Ensemble of Experts)
+    expert: Callable[[str], ContextManager] = lambda name: nullcontext()
     step: int = 0
     losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 
@@ -103,16 +107,21 @@ def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def predict_task(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
+    """`predict` with the task's own weights (its expert, if the strategy keeps experts), merged
+    into the base weights unless the method says `merge_eval: false`."""
+    with ctx.expert(task.name), merged(ctx.model, getattr(ctx.method, "merge_eval", False)):
+        return predict(ctx, task, data)
+
+
 def evaluate(ctx: RunContext, split: str = "dev") -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Scores every task on a labelled split: `task/split/metric` keys plus `split/overall`.
-    Adapters are merged into the weights for it unless the method says `merge_eval: false`."""
+    """Scores every task on a labelled split: `task/split/metric` keys plus `split/overall`."""
     metrics, preds = {}, {}
-    with merged(ctx.model, enabled=getattr(ctx.method, "merge_eval", False)):
-        for task in ctx.tasks:
-            data = ctx.data[split][task.name]
-            preds[task.name] = predict(ctx, task, data)
-            gold = data.labels.numpy()
-            metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
+    for task in ctx.tasks:
+        data = ctx.data[split][task.name]
+        preds[task.name] = predict_task(ctx, task, data)
+        gold = data.labels.numpy()
+        metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
     if split == "dev":
         metrics["dev/overall"] = overall_score(ctx.tasks, metrics)
     return metrics, preds

@@ -22,7 +22,7 @@ from tasks import get_tasks
 from tasks.batching import EncodedSplit
 from tasks.data import load_task_data, resolve_root
 from tasks.model import MultitaskModel
-from trainers.loop import RunContext, evaluate, predict, write_predictions
+from trainers.loop import RunContext, evaluate, predict_task, write_predictions
 from trainers.memory import PeakMemory, memory_metrics
 from trainers.plots import plot_training
 
@@ -128,7 +128,7 @@ def finish(ctx: RunContext, counts: dict) -> dict:
         test = ctx.data.get("test-student", {}).get(task.name)
         if test is not None:
             write_predictions(ctx.run_dir, task, "test-student", test.split.ids,
-                              predict(ctx, task, test))
+                              predict_task(ctx, task, test))
     metrics.update(counts)
     (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_training(ctx.run_dir, ctx.losses)  # after metrics.json: a plotting failure loses nothing
