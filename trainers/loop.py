@@ -44,6 +44,7 @@ class RunContext:
     optimizer: object = None  # set by the trainer, read for memory accounting
     # task name -> a context in which the model holds that task's weights (Ensemble of Experts)
     expert: Callable[[str], ContextManager] = lambda name: nullcontext()
+    param_counts: dict | None = None  # set by strategies that train several experts
     step: int = 0
     losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 

@@ -14,6 +14,18 @@ def _moving_average(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
+def _dev_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """label -> (epoch, score) points; per-task experts' records get their own labelled lines."""
+    series: dict[str, list] = {}
+    for h in history:
+        expert = h.get("expert")
+        for key, value in h.items():
+            if "/dev/" in key or (key == "dev/overall" and expert is None):
+                label = f"{expert} expert: {key}" if expert else key
+                series.setdefault(label, []).append((h["epoch"], value))
+    return series
+
+
 def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
     """Writes `training.png` from the per-step losses and `history.jsonl`; returns its path."""
     import matplotlib
@@ -34,14 +46,14 @@ def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
                      color=ax_loss.lines[-1].get_color())
     ax_loss.set(xlabel="step", ylabel="train loss", title="train loss per task", yscale="log")
     ax_loss.legend()
-    keys = [k for k in (history[0] if history else {}) if "/dev/" in k or k == "dev/overall"]
-    epochs = [h["epoch"] for h in history]
-    for key in keys:
-        ax_dev.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    series = _dev_series(history)
+    for label, points in series.items():
+        ax_dev.plot(*zip(*points), marker="o", label=label)
+    epochs = sorted({h["epoch"] for h in history})
     ax_dev.set(xlabel="epoch", ylabel="score", title="dev scores per epoch")
     if 0 < len(epochs) <= 20:
         ax_dev.set_xticks(epochs)
-    if keys:
+    if series:
         ax_dev.legend()
     fig.tight_layout()
     out = run_dir / "training.png"

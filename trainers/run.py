@@ -91,8 +91,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
-    tasks = get_tasks(list(cfg.order.tasks))
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
+    tasks = get_tasks(getattr(trainer, "tasks", None) or list(cfg.order.tasks))
     method = build_method(cfg)
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
@@ -110,6 +110,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
         logger.log(counts, step=0)
         with PeakMemory(device) as peak:
             trainer.fit(ctx)
+        counts = ctx.param_counts or counts  # experts: every expert's tensors count
         metrics = finish(ctx, {**counts, **memory_metrics(model, ctx.optimizer, peak.bytes)})
         logger.summary(metrics)
         ok = True

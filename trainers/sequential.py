@@ -8,6 +8,7 @@ import logging
 from typing import Callable
 
 from minbert.errors import ConfigError
+from tasks import TASKS
 from trainers.loop import (ADAPTER_FILE, BestCheckpoint, RunContext, append_history, evaluate,
                            train_task_epoch)
 from trainers.optim import build_optimizer
@@ -41,3 +42,14 @@ class SequentialTrainer:
                      " (best so far)" if improved else "")
         best.restore(ctx.model)
         return {"best_epoch": best.epoch, "dev/overall": best.score}
+
+
+class SingleTaskTrainer(SequentialTrainer):
+    """`trainer=single trainer.task=sst`: one task alone (the report's Table 2 rows); the run
+    reads, trains and scores only that task."""
+
+    def __init__(self, optimizer: Callable, task: str = "sst", **kwargs):
+        super().__init__(optimizer, **kwargs)
+        if task not in TASKS:
+            raise ConfigError(f"trainer.task={task!r}; use one of {sorted(TASKS)}")
+        self.tasks = [task]

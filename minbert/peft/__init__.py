@@ -80,14 +80,16 @@ def unmerge(model: nn.Module) -> None:
 
 @contextmanager
 def merged(model: nn.Module, enabled: bool = True):
-    """`with merged(model): evaluate(...)` runs on merged weights and unmerges afterwards."""
-    if enabled:
-        merge(model)
+    """`with merged(model): evaluate(...)` runs on merged weights and unmerges afterwards. Layers
+    that were merged already (say with a merge of experts) stay as they are."""
+    layers = [m for _, m in adapter_layers(model) if enabled and not m.merged]
+    for layer in layers:
+        layer.merge()
     try:
         yield model
     finally:
-        if enabled:
-            unmerge(model)
+        for layer in layers:
+            layer.unmerge()
 
 
 @torch.no_grad()

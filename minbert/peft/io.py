@@ -29,9 +29,15 @@ PEFT_PREFIX = "base_model.model."
 
 def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
     """Writes the adapter state of `model` (see `adapter_state_dict`) to `path`."""
+    return save_state(adapter_state_dict(model), path, metadata)
+
+
+def save_state(state: dict[str, torch.Tensor], path: str | Path,
+               metadata: dict | None = None) -> Path:
+    """Writes named tensors as safetensors, atomically, with JSON-encoded metadata values."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {n: t.cpu().contiguous() for n, t in adapter_state_dict(model).items()}
+    state = {n: t.detach().cpu().contiguous() for n, t in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)

@@ -112,10 +112,11 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, delta: torch.Tensor | None = None) -> None:
+        """Folds ΔW in: this layer's own, or a given [out, in] `delta` (a merge of experts)."""
         if self.merged:
             return
-        merged = self.weight + self.delta_weight()
+        merged = self.weight + (self.delta_weight() if delta is None else delta.to(self.weight))
         self._unmerged_weight, self.weight.data = self.weight.data, merged
 
     @torch.no_grad()
