@@ -113,3 +113,24 @@ def test_expert_trainer_config_errors(compose_cfg, synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.task='qqp'; use one of"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=single", "trainer.task=qqp")),
             tmp_path)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.sampler=temperature"],
+    ["trainer.sampler=annealed"],
+    ["trainer.sampler=round_robin", "trainer.pcgrad=true", "peft=lora"],
+])
+def test_interleaved_trainer_runs(compose_cfg, synthetic_root, tmp_path, overrides):
+    metrics = run_trainer(compose_cfg, synthetic_root, tmp_path, "trainer=interleaved",
+                          *overrides)
+    assert {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall"} <= set(metrics)
+    history = [json.loads(l) for l in (tmp_path / "history.jsonl").read_text().splitlines()]
+    steps_per_epoch = 3 * 3  # 40 examples a task in batches of 16: 3 batches each
+    want = 2 * steps_per_epoch
+    assert history[-1]["step"] == want
+
+
+def test_interleaved_sampler_errors(compose_cfg, synthetic_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.sampler='uniform'; use one of"):
+        run(compose_cfg(smoke_overrides(synthetic_root, "trainer=interleaved",
+                                        "trainer.sampler=uniform")), tmp_path)

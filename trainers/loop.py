@@ -60,30 +60,41 @@ def param_groups(model: MultitaskModel, head_lr: float | None = None) -> list[di
     return groups
 
 
+def checked_loss(ctx: RunContext, task: Task, batch, epoch: int) -> torch.Tensor:
+    """The task's loss on one batch; a non-finite loss stops the run with what to do."""
+    loss = task.loss(ctx.model(task.name, batch), batch.labels)
+    if not torch.isfinite(loss):
+        raise TrainingError(_non_finite_message(ctx, task, epoch, loss.item()))
+    return loss
+
+
+def optimizer_step(ctx: RunContext, optimizer, max_grad_norm: float | None) -> None:
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable_params(ctx.model)], max_grad_norm)
+    optimizer.step()
+    ctx.step += 1
+
+
+def record_loss(ctx: RunContext, task: Task, value: float, epoch: int) -> None:
+    ctx.losses.append((ctx.step, task.name, value))
+    ctx.logger.log({f"{task.name}/train/loss": value, "epoch": epoch}, step=ctx.step)
+
+
 def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
                      max_grad_norm: float | None = None) -> float:
     """One pass over `task`'s training data; returns the mean loss. Stops on a non-finite loss."""
     model, data = ctx.model, ctx.data["train"][task.name]
     model.train()
-    params = [p for _, p in trainable_params(model)]
     total, bar = 0.0, tqdm(data.batches(ctx.batch_size, shuffle=True, generator=ctx.generator),
                            total=data.num_batches(ctx.batch_size), disable=not ctx.progress,
                            desc=f"epoch {epoch} {task.name}", leave=False, dynamic_ncols=True)
     for n, batch in enumerate(bar, 1):
-        batch = batch.to(ctx.device)
-        loss = task.loss(model(task.name, batch), batch.labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(_non_finite_message(ctx, task, epoch, loss.item()))
+        loss = checked_loss(ctx, task, batch.to(ctx.device), epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        ctx.step += 1
-        value = loss.item()
-        total += value
-        ctx.losses.append((ctx.step, task.name, value))
-        ctx.logger.log({f"{task.name}/train/loss": value, "epoch": epoch}, step=ctx.step)
+        optimizer_step(ctx, optimizer, max_grad_norm)
+        total += loss.item()
+        record_loss(ctx, task, loss.item(), epoch)
         bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(1, data.num_batches(ctx.batch_size))
 
