@@ -134,3 +134,23 @@ def test_interleaved_sampler_errors(compose_cfg, synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.sampler='uniform'; use one of"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=interleaved",
                                         "trainer.sampler=uniform")), tmp_path)
+
+
+def test_expert_counts_match_the_reports_three_lora_experts(compose_cfg):
+    """Three r=64 all-linear LoRA experts on bert-base (built on the meta device, no download)."""
+    from minbert.model import BertConfig, BertModel
+    from minbert.peft.lora import Lora
+    from tasks.model import MultitaskModel
+    from trainers.experts import expert_counts
+    from trainers.run import build
+    cfg = compose_cfg(["model=bert-base"])
+    with torch.device("meta"):
+        encoder = Lora(rank=64, targets="all_linear").apply(BertModel(BertConfig()))
+        heads = {t: build(cfg.heads[t], t, hidden_size=768) for t in ("sst", "para", "sts")}
+        model = MultitaskModel(encoder, heads, pooling="pooler")
+    per_expert = 12 * (4 * 64 * 1536 + 2 * 64 * (768 + 3072))  # 10,616,832
+    counts = expert_counts(model, per_expert, 3)
+    head_params = sum(p.numel() for p in model.heads.parameters())
+    assert counts["params/trainable"] == 3 * per_expert + head_params
+    assert counts["params/total"] == 109_482_240 + 3 * per_expert + head_params
+    assert round(counts["params/updated_pct"], 1) == 22.6  # the report: 22.8 %, with its heads
