@@ -3,17 +3,22 @@
 The quantizer is checked against the error bound of each scheme, computed here from its code values
 (never from the quantizer's own output), and against bitsandbytes when it is installed. The
 optimizers are checked for their byte counts, for exact AdamW math with quantization switched off
-(against torch.optim.AdamW), and for tracking 32-bit training on a small convex problem.
+(against torch.optim.AdamW), and for tracking 32-bit training on a small convex problem. The chunked
+processing is checked for giving the same bits at any chunk size and for keeping the 8-bit step's
+temporaries chunk-sized (allocations seen by the profiler).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from minbert.optim import (AdamW8bit, GaLoreAdamW, QuantizedTensor, dynamic_map, optimizer_state_bytes,
-                           quantize)
+                           quantize, quant)
 
 SHAPES = [(1,), (256,), (257,), (1000,), (3, 7, 11), (64, 48), (2, 3, 256)]
 SCHEMES = [("absmax", True), ("absmax", False), ("dynamic", True), ("dynamic", False)]
@@ -182,6 +187,104 @@ def test_unquantized_equals_torch_adamw():
         assert (a - t).abs().max() > 0.1            # not vacuous
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_is_exact(signed):
+    """The table search equals the exact nearest-value search (in float64; ties: lower code) on 2M
+    values over all magnitudes and at, just above and below every midpoint. The former search in
+    float32 arithmetic differs only within float rounding of a midpoint (the midpoint's fp32 ulp)."""
+    g, m32 = torch.Generator().manual_seed(7), dynamic_map(signed)
+    y = torch.rand(2 ** 21, generator=g) ** torch.randint(1, 40, (2 ** 21,), generator=g)  # 0 ... 1
+    mids = (m32[1:] + m32[:-1]) / 2
+    near = torch.cat([mids, mids.nextafter(mids + 1), mids.nextafter(mids - 1)])  # at, above, below
+    y = torch.cat([y, near, -y, -near]) if signed else torch.cat([y, near])
+    rows = y.numel() // 255 + 1
+    body = torch.cat([y, y.new_zeros(rows * 255 - y.numel())]).view(rows, 255)
+    x = torch.cat([torch.ones(rows, 1), body], 1)              # absmax 1 per block: normalized == y
+    codes = quantize(x, "dynamic", signed=signed).codes[:, 1:].reshape(-1)[:y.numel()].long()
+    m64, y64 = m32.double(), y.double()
+    hi = torch.searchsorted(m64, y64).clamp_(1, 255)
+    assert torch.equal(codes, torch.where(y64 - m64[hi - 1] <= m64[hi] - y64, hi - 1, hi))
+    hi = torch.searchsorted(m32, y).clamp_(1, 255)             # the former float32 search
+    former = torch.where(y - m32[hi - 1] <= m32[hi] - y, hi - 1, hi)
+    off = codes != former
+    turn = (m64[1:] + m64[:-1])[torch.minimum(codes, former)[off]] / 2   # between the two picks
+    assert ((codes - former)[off].abs() == 1).all() and off.sum() < 1e-4 * y.numel()
+    assert ((y64[off] - turn).abs() <= 2 ** -24 * turn.abs()).all()
+
+
+def run_8bit(chunk: int, monkeypatch, kind="adamw", scheme="dynamic", block_size=256, t=False):
+    """Parameter, m and v codes / scales after 3 steps of AdamW8bit or GaLoreAdamW(state_bits=8) (a
+    plain group) on a [70, 301] weight, 21070 elements: a partial last block, with CHUNK_ELEMENTS =
+    chunk (t: the parameter is a non-contiguous transpose)."""
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(70, 301, generator=g)
+    w = torch.nn.Parameter(init.t().contiguous().t() if t else init)   # same values, strides (1, 70)
+    kw = dict(scheme=scheme, block_size=block_size, weight_decay=0.1)
+    opt = AdamW8bit([w], **kw) if kind == "adamw" else GaLoreAdamW([w], state_bits=8, **kw)
+    for _ in range(3):
+        w.grad = torch.randn(w.shape, generator=g)
+        opt.step()
+    st = opt.state[w]
+    return [w.detach()] + [getattr(st[k], a) for k in ("exp_avg", "exp_avg_sq") for a in ("codes", "absmax")]
+
+
+@pytest.mark.parametrize("kind,scheme,block_size", [("adamw", "dynamic", 256), ("adamw", "absmax", 256),
+                                                    ("adamw", "dynamic", 64), ("galore", "dynamic", 256)])
+def test_chunk_size_does_not_change_results(monkeypatch, kind, scheme, block_size):
+    whole = run_8bit(2 ** 40, monkeypatch, kind, scheme, block_size)
+    for chunk in (256, 1000, 4096):                             # 1000: rounded down to whole blocks
+        assert all(map(torch.equal, run_8bit(chunk, monkeypatch, kind, scheme, block_size), whole))
+    assert all(map(torch.equal, run_8bit(256, monkeypatch, kind, scheme, block_size, t=True), whole))
+    x = sample((3, 5000), True)
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 300)
+    small = quantize(x, scheme, block_size)
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 2 ** 40)
+    assert torch.equal(small.dequantize(), quantize(x, scheme, block_size).dequantize())
+
+
+def step_allocations(opt) -> tuple[int, int]:
+    """(largest single allocation, peak of the bytes allocated and not yet freed) in one opt.step()."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    assert events, "the profiler saw no allocations"
+    sizes = [n for _, n in events]
+    return max(sizes), max(itertools.accumulate(sizes))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """For many small ops: a second thread only adds synchronisation, which costs 30x when the cores
+    are busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_8bit_step_temporaries_are_chunk_sized(monkeypatch):
+    """The 8-bit step of an 8M-element parameter (32 chunks) allocates temporaries of ~29 bytes per
+    element of one chunk, a fraction of the parameter's bytes; processed as one chunk, the same step
+    holds over 5x the parameter's bytes (so the measurement does see the temporaries)."""
+    numel, chunk, peaks = 32 * quant.CHUNK_ELEMENTS, quant.CHUNK_ELEMENTS, {}
+    for chunk_elements in (chunk, 2 ** 40):
+        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk_elements)
+        w = torch.nn.Parameter(torch.zeros(numel))
+        w.grad = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+        opt = AdamW8bit([w])
+        with one_thread():
+            opt.step()                                           # creates the state
+            peaks[chunk_elements] = step_allocations(opt)
+    param_bytes = 4 * numel
+    assert peaks[chunk][0] <= 4 * chunk                         # one fp32 chunk at most
+    assert peaks[chunk][1] <= 40 * chunk and peaks[chunk][1] < param_bytes / 4
+    assert peaks[2 ** 40][1] > 4 * param_bytes
+
+
 def test_bad_state_bits():
     w = torch.nn.Parameter(torch.zeros(4, 4))
     for bits in (16, 4, "8"):
@@ -207,15 +310,10 @@ STEPS, LR = 200, 1e-2
 
 @functools.lru_cache(maxsize=None)
 def train(kind: str, bits: int, scheme: str = "dynamic") -> tuple[float, float, list, list]:
-    """(initial loss, final loss, initial weights, final weights) of the logistic regressions.
-    On one thread: the ops are tiny, and a second thread only adds synchronisation, which costs
-    30x when the cores are busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """(initial loss, final loss, initial weights, final weights) of the logistic regressions,
+    on one thread (the ops are tiny)."""
+    with one_thread():
         return _train(kind, bits, scheme)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(kind: str, bits: int, scheme: str) -> tuple[float, float, list, list]:

@@ -26,7 +26,9 @@ projector's defaults; and a closure runs with grad enabled.
 
 state_bits=8 (not in galore-torch 1.0's GaLoreAdamW) stores the moments block-wise 8-bit
 (minbert.optim.quant; Dettmers et al., 2022): always the low-rank moments of projected groups, and
-those of plain-AdamW groups from `min_8bit_size` elements up. The step itself runs in fp32.
+those of plain-AdamW groups from `min_8bit_size` elements up. The step itself runs in fp32; for
+the full-size 8-bit moments of non-projected parameters it runs chunk by chunk (as AdamW8bit does),
+so that its fp32 temporaries stay small.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import math
 
 import torch
 
-from minbert.optim.adamw8 import MIN_8BIT_SIZE, adam_moments, check_adam_args, step_each
+from minbert.optim.adamw8 import (MIN_8BIT_SIZE, adam_moments, check_adam_args, init_moments, step_each,
+                                  update_in_chunks)
 from minbert.optim.quant import SCHEMES, QuantizedTensor
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -165,20 +168,24 @@ class GaLoreAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         quantized = self.state_bits == 8 and (projector is not None or p.numel() >= self.min_8bit_size)
-        # the moments are kept across projector refreshes; fp32 (m, v) shaped as grad
-        exp_avg, exp_avg_sq = adam_moments(state, grad, beta1, beta2, quantized,
-                                           scheme=self.scheme, block_size=self.block_size)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
         step_size = group["lr"]
         if group["correct_bias"]:
             bias_correction1 = 1.0 - beta1 ** state["step"]
             bias_correction2 = 1.0 - beta2 ** state["step"]
             step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
 
-        update = exp_avg / denom
-        if projector is not None:
-            update = projector.project_back(update)  # [m, n], times scale
-        p.add_(update, alpha=-step_size)
+        if quantized and projector is None:  # full-size 8-bit moments: the same ops, chunk by chunk
+            init_moments(state, grad, True, self.scheme, self.block_size)
+            update_in_chunks(p, state, grad, beta1, beta2, lambda p_chunk, m, v: p_chunk.add_(
+                m / v.sqrt_().add_(group["eps"]), alpha=-step_size))
+        else:  # the moments are kept across projector refreshes; fp32 (m, v) shaped as grad
+            exp_avg, exp_avg_sq = adam_moments(state, grad, beta1, beta2, quantized,
+                                               scheme=self.scheme, block_size=self.block_size)
+            denom = exp_avg_sq.sqrt().add_(group["eps"])
+            update = exp_avg / denom
+            if projector is not None:
+                update = projector.project_back(update)  # [m, n], times scale
+            p.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:  # decoupled, on the already-updated full weight
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 

@@ -21,20 +21,30 @@ normalized value y = x / a in [-1, 1]. Two code books:
   to the end value). The codes are dense near 0: the relative error grows from under 1% near a
   to tens of percent at 1e-4 a, but only values below ~1e-7 a flush to 0. bitsandbytes' 8-bit Adam
   uses the signed map for exp_avg and the unsigned one (twice as fine, no sign) for exp_avg_sq; so
-  do we. Our search for the nearest code is exact; bitsandbytes 0.50's CPU kernel picks the other
-  neighbour for a few percent of elements (never with a smaller error, in tests/test_quant.py).
+  do we. Our search for the nearest code is exact (ties: the lower code), and cheap: each midpoint
+  between two map values, rounded down to float32 (so y <= it exactly when y <= the true
+  midpoint), falls in a bucket of floats sharing the top 16 bits of their pattern, at most one per
+  bucket (checked when the table is built); the code is a table's code for y's bucket plus
+  (y > that bucket's midpoint), a few passes over y instead of a binary search. bitsandbytes 0.50's
+  CPU kernel picks the other neighbour for a few percent of elements (never with a smaller error,
+  in tests/test_quant.py).
 
 Storage is codes (1 byte per padded element) plus one fp32 absmax per block: for block_size 256,
-1 + 4/256 bytes per element against 4 for fp32, a 3.94x saving.
+1 + 4/256 bytes per element against 4 for fp32, a 3.94x saving. Quantizing and dequantizing run in
+chunks of whole blocks (about CHUNK_ELEMENTS elements; `QuantizedTensor.store_blocks` and
+`dequantize_blocks`), so their temporaries stay O(chunk) whatever the tensor's size; AdamW8bit
+updates its moments chunk by chunk through them.
 """
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 
 SCHEMES = ("dynamic", "absmax")
+CHUNK_ELEMENTS = 2 ** 18  # elements per chunk (rounded down to whole blocks, at least one)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,12 +66,48 @@ def dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torc
     return _dynamic_map_cpu(bool(signed)).to(device)
 
 
-def _nearest_code(y: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
-    """uint8 index of the value in sorted `code_map` [256] nearest to each element of y."""
-    hi = torch.searchsorted(code_map, y).clamp_(1, code_map.numel() - 1)  # code_map[hi-1] < y <= code_map[hi]
-    lo = hi - 1
-    take_lo = (y - code_map[lo]) <= (code_map[hi] - y)
-    return torch.where(take_lo, lo, hi).to(torch.uint8)
+def _midpoints_cpu(signed: bool) -> torch.Tensor:
+    """[255] fp32: the exact midpoints of consecutive map values, rounded down to float32."""
+    values = _dynamic_map_cpu(signed).double()
+    exact = (values[1:] + values[:-1]) / 2.0                             # exact in float64
+    mids = exact.float()
+    return torch.where(mids.double() > exact, mids.nextafter(torch.tensor(-torch.inf)), mids)
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_tables_cpu(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(code [65536] uint8, threshold [65536] fp32) over the top 16 bits k of a float32's pattern:
+    the nearest code of y is code[k] + (y > threshold[k]), i.e. torch.bucketize(y, _midpoints_cpu)."""
+    mids = _midpoints_cpu(signed)
+    top = torch.arange(2 ** 16, dtype=torch.int32) << 16                  # wraps to the sign bit
+    a, b = top.view(torch.float32), (top | 0xFFFF).view(torch.float32)     # ends of each bucket
+    lo, hi = torch.fmin(a, b), torch.fmax(a, b)                           # NaN buckets: +-inf
+    code_lo, code_hi = torch.bucketize(lo, mids), torch.bucketize(hi, mids)
+    if (code_hi - code_lo).max() > 1:
+        raise AssertionError("a 16-bit float bucket holds two midpoints of the dynamic map")
+    threshold = torch.where(code_hi > code_lo, mids[code_lo.clamp(max=254)], torch.inf)
+    return code_lo.to(torch.uint8), threshold
+
+
+def _nearest_code(y: torch.Tensor, out: torch.Tensor, signed: bool) -> None:
+    """Writes into `out` (uint8, y's numel) the index of the sorted dynamic map's value nearest to
+    each element of fp32 y (ties: the lower index). Temporaries: 9 bytes per element of y."""
+    code, threshold = (t.to(y.device) for t in _nearest_tables_cpu(signed))
+    flat, out = y.reshape(-1), out.view(-1)
+    key = (flat.view(torch.int32) >> 16).bitwise_and_(0xFFFF)          # top 16 bits, as int32
+    torch.index_select(code, 0, key, out=out)
+    out.add_(torch.gt(flat, torch.index_select(threshold, 0, key)).view(torch.uint8))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_values_cpu(scheme: str, signed: bool) -> torch.Tensor:
+    """[256] fp32: the normalized value each code stands for, indexed by the code's byte (uint8)."""
+    byte = torch.arange(256)
+    if scheme == "dynamic":
+        return _dynamic_map_cpu(signed)
+    if signed:   # int8 q = byte - 256 for byte >= 128; q / 127 as the fp32 division
+        return torch.where(byte < 128, byte, byte - 256).float() / 127.0
+    return (byte.float() + 1.0) / 256.0
 
 
 class QuantizedTensor:
@@ -69,7 +115,11 @@ class QuantizedTensor:
     codes  [n_blocks, block_size]  int8 ('absmax', signed), uint8 ('absmax' unsigned: (q + 1) / 256)
                                    or uint8 indices into the sorted map ('dynamic')
     absmax [n_blocks]              fp32 per-block absolute maximum
-    shape, block_size, scheme, signed (whether negative values are representable)."""
+    shape, block_size, scheme, signed (whether negative values are representable).
+
+    Blocks can be read and rewritten in place by range (`dequantize_blocks`, `store_blocks`; the
+    ranges of `chunks()` bound the temporaries); `quantize` / `dequantize` / `store` do whole tensors
+    chunk by chunk."""
 
     def __init__(self, codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
                  block_size: int, scheme: str, signed: bool):
@@ -77,38 +127,95 @@ class QuantizedTensor:
         self.shape, self.block_size, self.scheme, self.signed = torch.Size(shape), block_size, scheme, signed
 
     @classmethod
-    def quantize(cls, t: torch.Tensor, scheme: str = "dynamic", block_size: int = 256,
-                 signed: bool = True) -> "QuantizedTensor":
+    def empty(cls, shape, scheme: str = "dynamic", block_size: int = 256, signed: bool = True,
+              device: torch.device | str = "cpu") -> "QuantizedTensor":
+        """Uninitialized storage for a tensor of `shape` (fill it with `store_blocks`)."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        flat = t.detach().reshape(-1).float()
-        if not signed and bool((flat < 0).any()):
+        n_blocks = max(1, math.ceil(torch.Size(shape).numel() / block_size))
+        dtype = torch.int8 if scheme == "absmax" and signed else torch.uint8
+        return cls(torch.empty(n_blocks, block_size, dtype=dtype, device=device),
+                   torch.empty(n_blocks, device=device), shape, block_size, scheme, signed)
+
+    @classmethod
+    def zeros(cls, shape, scheme: str = "dynamic", block_size: int = 256, signed: bool = True,
+              device: torch.device | str = "cpu") -> "QuantizedTensor":
+        """The quantized zero tensor of `shape`, without an fp32 tensor of that size."""
+        q = cls.empty(shape, scheme, block_size, signed, device)
+        q.store_blocks(0, torch.zeros(min(block_size, max(1, q.numel())), device=device))
+        q.codes.copy_(q.codes[:1].expand_as(q.codes))   # every block codes zero like the first
+        q.absmax.zero_()
+        return q
+
+    @classmethod
+    def quantize(cls, t: torch.Tensor, scheme: str = "dynamic", block_size: int = 256,
+                 signed: bool = True) -> "QuantizedTensor":
+        q = cls.empty(t.shape, scheme, block_size, signed, t.device)
+        q.store(t)
+        return q
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """Block ranges (start, stop) covering all blocks, each of about CHUNK_ELEMENTS elements."""
+        step = max(1, CHUNK_ELEMENTS // self.block_size)
+        n_blocks = self.codes.shape[0]
+        for start in range(0, n_blocks, step):
+            yield start, min(start + step, n_blocks)
+
+    def span(self, start: int, stop: int) -> tuple[int, int]:
+        """The range of flat element indices (lo, hi) that blocks [start, stop) hold (not padding)."""
+        return min(start * self.block_size, self.numel()), min(stop * self.block_size, self.numel())
+
+    def dequantize_blocks(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 [hi - lo]: the flat elements lo:hi (see `span`) of blocks [start, stop), a new tensor."""
+        codes = self.codes[start:stop]                                   # [k, block_size]
+        values = _code_values_cpu(self.scheme, self.signed).to(codes.device)
+        y = torch.index_select(values, 0, codes.view(torch.uint8).reshape(-1).int())
+        y = y.view(codes.shape).mul_(self.absmax[start:stop].unsqueeze(1))
+        lo, hi = self.span(start, stop)
+        return y.view(-1)[:hi - lo]
+
+    def store_blocks(self, start: int, values: torch.Tensor) -> None:
+        """Quantizes the flat `values` into blocks start, start + 1, ... in place (codes and absmax).
+        values: whole blocks, or ending with the tensor's last element (the padding is zeros)."""
+        bs, n = self.block_size, values.numel()
+        stop = start + max(1, math.ceil(n / bs))
+        if stop > self.codes.shape[0] or (n % bs and stop * bs < self.numel()):
+            raise ValueError(f"{n} values do not fill whole blocks from block {start} of {self!r}")
+        x = values.detach().reshape(-1).float()
+        if n < (stop - start) * bs:
+            x = torch.nn.functional.pad(x, (0, (stop - start) * bs - n))
+        blocks = x.view(stop - start, bs)                               # [k, block_size]
+        if not self.signed and bool((blocks.amin(dim=1) < 0).any()):
             raise ValueError("unsigned quantization cannot hold negative values; use signed=True")
-        n_blocks = max(1, math.ceil(flat.numel() / block_size))
-        blocks = torch.nn.functional.pad(flat, (0, n_blocks * block_size - flat.numel()))
-        blocks = blocks.view(n_blocks, block_size)                   # [n_blocks, block_size]
-        absmax = blocks.abs().amax(dim=1)                            # [n_blocks]
-        y = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)  # in [-1, 1]
-        if scheme == "absmax" and signed:
-            codes = torch.round(y * 127.0).to(torch.int8)
-        elif scheme == "absmax":  # zero-free: code q stands for (q + 1) / 256
-            codes = (torch.round(y * 256.0) - 1.0).clamp_(0, 255).to(torch.uint8)
+        absmax = torch.amax(blocks.abs(), dim=1, out=self.absmax[start:stop])
+        y = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
+        self._encode(y, self.codes[start:stop])
+
+    def _encode(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        """Writes the codes of normalized y [k, block_size] (a temporary: clobbered) into out."""
+        if self.scheme == "absmax" and self.signed:
+            out.copy_(y.mul_(127.0).round_())                           # int8 round(y * 127)
+        elif self.scheme == "absmax":  # zero-free: code q stands for (q + 1) / 256
+            out.copy_(y.mul_(256.0).round_().sub_(1.0).clamp_(0, 255))
         else:
-            codes = _nearest_code(y, dynamic_map(signed, y.device))
-        return cls(codes, absmax, t.shape, block_size, scheme, signed)
+            _nearest_code(y, out, self.signed)
+
+    def store(self, t: torch.Tensor) -> None:
+        """Re-quantizes the whole tensor from t (of this shape), chunk by chunk, in place."""
+        if t.shape != self.shape:
+            raise ValueError(f"cannot store a tensor of shape {tuple(t.shape)} in {self!r}")
+        flat = t.detach().reshape(-1)
+        for start, stop in self.chunks():
+            self.store_blocks(start, flat[slice(*self.span(start, stop))])
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 tensor of the original shape."""
-        if self.scheme == "absmax" and self.signed:
-            y = self.codes.float() / 127.0                           # [n_blocks, block_size]
-        elif self.scheme == "absmax":
-            y = (self.codes.float() + 1.0) / 256.0
-        else:
-            y = dynamic_map(self.signed, self.codes.device)[self.codes.long()]
-        flat = (y * self.absmax.unsqueeze(1)).reshape(-1)
-        return flat[:self.shape.numel()].view(self.shape)
+        out = torch.empty(self.numel(), device=self.codes.device)
+        for start, stop in self.chunks():
+            out[slice(*self.span(start, stop))] = self.dequantize_blocks(start, stop)
+        return out.view(self.shape)
 
     @property
     def nbytes(self) -> int:
