@@ -25,10 +25,9 @@ come from `trainers.optim.build_optimizer` as in train.py (lr 1e-5; memory and s
            every other parameter (GaLoreAdamW's int step: 0 bytes). 8-bit states cut full AdamW's
            moment bytes >= 3.5x (GaLore's and GradNormLoRP's cuts are printed as info).
 
-The default run (MiniLM, 100 timed steps of 8) takes ~6-7 minutes on 2 quiet CPU cores: ~1 min of
-peak subprocesses, then ~3 s a round, mostly the 8-bit methods' (de)quantizing of every moment in
-plain PyTorch, hence not a few hundred steps. GaLore refreshes its projection at its step 0 (in the
-warm-up) and next at step 200. Usage:
+The default run (MiniLM, 300 timed steps of 8) takes about 8 minutes on 2 quiet CPU cores: ~1 min
+of peak subprocesses, then ~1.4 s a round of all methods (100 steps took 3.5 minutes). GaLore
+refreshes its projection at its step 0 (in the warm-up) and at step 200 (timed). Usage:
   python scripts/bench_memory.py --data-root $MINBERT_DATA
   python scripts/bench_memory.py --model tiny --steps 3 --quick --no-progress   # smoke test
 """
@@ -285,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
-    p.add_argument("--steps", type=int, default=100, help="timed steps (batches) per method")
+    p.add_argument("--steps", type=int, default=300, help="timed steps (batches) per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="truncate sentences to this")
