@@ -29,6 +29,7 @@ from minbert.peft.lora import LoraLinear
 from minbert.peft.merging import MERGES, merge_deltas
 from trainers.loop import RunContext, append_history, evaluate, train_task_epoch
 from trainers.optim import build_optimizer
+from trainers.sequential import SequentialTrainer
 
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
@@ -52,15 +53,9 @@ def load_state(model, state: State) -> None:
         tensors[name].copy_(t)
 
 
-class ExpertTrainer:
-    """Trains one expert per task (the shared part of eoe, fedavg and orthoada)."""
-
-    def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
-                 max_grad_norm: float | None = None):
-        if epochs < 1:
-            raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
-        self.optimizer, self.epochs, self.head_lr = optimizer, epochs, head_lr
-        self.max_grad_norm = max_grad_norm
+class ExpertTrainer(SequentialTrainer):
+    """Trains one expert per task (the shared part of eoe, fedavg and orthoada); takes the
+    sequential trainer's options (optimizer, epochs, head_lr, max_grad_norm)."""
 
     def prepare(self, ctx: RunContext, index: int) -> None:
         """Hook before expert `index` trains (OrthoAda sets its frozen block here)."""

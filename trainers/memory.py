@@ -13,6 +13,7 @@ training starts, where Linux allows it).
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 from pathlib import Path
 
@@ -60,10 +61,8 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        try:
+        with contextlib.suppress(OSError):  # without it, VmHWM is the process's lifetime peak
             _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        except OSError:
-            pass
         self.start = (_status_kb("VmRSS") or 0) * 1024
         return self
 

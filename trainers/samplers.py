@@ -26,6 +26,8 @@ its seed: `torch.multinomial(probs, 1, generator=g)`.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from numbers import Integral, Real
 
@@ -39,7 +41,7 @@ class SamplerError(ConfigError, ValueError):
     prints it cleanly."""
 
 
-class TaskSampler:
+class TaskSampler(ABC):
     """Base: samples a task from `probabilities(step)` with the run's generator.
 
     Subclasses override `_exponent(step)` (the α of p_i ∝ n_i^α) or `sample` itself."""
@@ -56,8 +58,9 @@ class TaskSampler:
         self._log_sizes = torch.tensor([math.log(self.sizes[t]) for t in self.tasks],
                                        dtype=torch.float64)
 
+    @abstractmethod
     def _exponent(self, step: int) -> float:
-        raise NotImplementedError
+        """α of p_i ∝ n_i^α at `step`."""
 
     def _probs(self, step: int) -> torch.Tensor:
         """p_i ∝ n_i^α as a float64 tensor, computed in log space (no overflow for big n_i)."""

@@ -9,6 +9,8 @@ peft's tuner layers (Mangrulkar et al., 2022), without the multi-adapter bookkee
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +83,7 @@ def train_biases(model: nn.Module, bias: str) -> None:
                 p.requires_grad_(True)
 
 
-class AdapterLinear(nn.Module):
+class AdapterLinear(nn.Module, ABC):
     """A frozen Linear plus an update ΔW that a subclass defines by `delta_weight` (the update in
     weight space, [out, in]) and `adapter_forward` (the output of the unmerged layer).
 
@@ -105,11 +107,13 @@ class AdapterLinear(nn.Module):
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
+    @abstractmethod
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """ΔW, [out, in]: the update this layer adds to its frozen weight."""
 
+    @abstractmethod
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The unmerged layer's output, [N, out] for x [N, in]."""
 
     @torch.no_grad()
     def merge(self, delta: torch.Tensor | None = None) -> None:
