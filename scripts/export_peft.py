@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from minbert.checkpoint import resolve_checkpoint
@@ -24,14 +23,11 @@ from minbert.errors import MinbertError
 from minbert.peft.io import export_peft, load_adapter
 from tasks import get_tasks
 from trainers.loop import ADAPTER_FILE
-from trainers.run import build_method, build_model
+from trainers.run import build_method, build_model, load_run_config
 
 
 def export_run(run_dir: Path, out_dir: Path) -> Path:
-    config = run_dir / ".hydra" / "config.yaml"
-    if not config.is_file():
-        raise MinbertError(f"{config} not found: pass the folder of a run made by train.py")
-    cfg = OmegaConf.load(config)
+    cfg = load_run_config(run_dir)
     method = build_method(cfg)
     model = build_model(cfg, get_tasks(list(cfg.order.tasks)), method)
     load_adapter(model, run_dir / ADAPTER_FILE)

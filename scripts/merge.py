@@ -19,7 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from minbert.errors import MinbertError
@@ -27,15 +26,13 @@ from tasks import get_tasks
 from tasks.data import load_task_data, resolve_root
 from trainers.experts import encoder_state, merge_experts
 from trainers.loop import RunContext, evaluate
-from trainers.run import build_method, build_model, encode_data, seed_everything
+from trainers.run import (build_method, build_model, encode_data, load_run_config,
+                          seed_everything)
 
 
 def remerge(run_dir: Path, method: str, weights: list[float] | None, options: dict,
             data_root: str | None = None) -> dict[str, float]:
-    config = run_dir / ".hydra" / "config.yaml"
-    if not config.is_file():
-        raise MinbertError(f"{config} not found: pass the folder of a run made by train.py")
-    cfg = OmegaConf.load(config)
+    cfg = load_run_config(run_dir)
     tasks = get_tasks(list(cfg.order.tasks))
     files = [run_dir / "experts" / f"{t.name}.safetensors" for t in tasks]
     missing = [str(f) for f in files if not f.is_file()]

@@ -55,6 +55,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The composed config Hydra saved for a finished run (`<run>/.hydra/config.yaml`)."""
+    config = Path(run_dir) / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise MinbertError(f"{config} not found: pass the folder of a run made by train.py")
+    return OmegaConf.load(config)
+
+
 def build_method(cfg: DictConfig) -> PeftMethod:
     method = build(cfg.peft, "peft")
     if not isinstance(method, PeftMethod):
