@@ -1,0 +1,169 @@
+"""The report's experiment presets, the scale knob and the sweep configs: every option composes to
+the grid the report describes, and every preset runs end to end at smoke scale (`-m`, in a
+subprocess, on the synthetic data set), with a failing job reported without losing the others."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONF, REPO, write_synthetic_data
+
+ORDERS = ["sst-para-sts", "sst-sts-para", "para-sst-sts", "para-sts-sst", "sts-sst-para",
+          "sts-para-sst"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def sweep_params(experiment: str) -> dict[str, list[str]]:
+    """The grid an experiment preset sweeps: key -> its values."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"],
+                      return_hydra_config=True)
+    return {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+
+
+def train(*args: str, cwd=REPO, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def finished_runs(sweep_dir) -> list[dict]:
+    """metrics.json of every run under a sweep dir, with the run's resolved config beside it."""
+    runs = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.json")):
+        cfg = yaml.safe_load((metrics.parent / ".hydra" / "config.yaml").read_text())
+        runs.append({"metrics": json.loads(metrics.read_text()), "cfg": cfg})
+    return runs
+
+
+def test_groups_of_the_experiments(compose_cfg):
+    assert options("experiment") == ["figure2", "table1", "table2", "table3"]
+    assert options("scale") == ["cpu", "full", "smoke"]
+    assert len(options("table2")) == 8 and len(options("table3")) == 9
+    assert options("sweep") == ["optuna_dora", "optuna_lora"]
+    assert options("hydra/launcher") == ["local", "parallel", "slurm"]
+
+
+def test_table1_is_full_finetuning_over_designs_and_orders(compose_cfg):
+    assert sweep_params("table1") == {"heads": ["concat", "separate", "joint"], "order": ORDERS}
+    assert sweep_params("figure2") == sweep_params("table1")
+    cfg = compose_cfg(["experiment=table1", "heads=joint", "order=sts-para-sst"])
+    assert cfg.peft._target_.endswith("FullFinetune") and cfg.heads.design == "joint"
+    assert cfg.trainer._target_.endswith(".SequentialTrainer") and cfg.experiment_name == "table1"
+
+
+TABLE2_ROWS = {  # row -> (method, rank, targets, bias): the report's Table 2
+    "lora-qkv-r2": ("Lora", 2, "attn_qkv", "none"), "lora-qkv-r4": ("Lora", 4, "attn_qkv", "none"),
+    "lora-qkv-r16": ("Lora", 16, "attn_qkv", "none"),
+    "lora-qkv-r64": ("Lora", 64, "attn_qkv", "none"),
+    "dora-qkv-r64": ("Dora", 64, "attn_qkv", "none"),
+    "lora-all-r64": ("Lora", 64, "all_linear", "none"),
+    "lora-all-bias-r64": ("Lora", 64, "all_linear", "all"),
+    "lora-all-r128": ("Lora", 128, "all_linear", "none"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(TABLE2_ROWS))
+def test_table2_rows_are_single_task_peft(compose_cfg, row):
+    assert sweep_params("table2") == {"table2": list(TABLE2_ROWS), "trainer.task": ["sst", "para",
+                                                                                    "sts"]}
+    cfg = compose_cfg(["experiment=table2", f"table2={row}", "trainer.task=sts"])
+    peft = cfg.peft
+    assert (peft._target_.rsplit(".", 1)[1], peft.rank, peft.targets, peft.bias) == TABLE2_ROWS[row]
+    assert cfg.trainer._target_.endswith("SingleTaskTrainer") and cfg.trainer.task == "sts"
+    assert cfg.trainer.optimizer.lr == peft.lr
+
+
+@pytest.mark.parametrize("row", options("table3"))
+def test_table3_rows_share_lora_r64_all_linear(compose_cfg, row):
+    assert sorted(sweep_params("table3")["table3"]) == options("table3")
+    cfg = compose_cfg(["experiment=table3", f"table3={row}"])
+    assert cfg.peft._target_.endswith(".Lora") and (cfg.peft.rank, cfg.peft.targets) == (
+        64, "all_linear")
+    expected = {"eoe": "EnsembleOfExperts", "fedavg": "MergedExperts",
+                "orthoada": "OrthogonalAdaptation"}.get(row, "SequentialTrainer")
+    assert cfg.trainer._target_.endswith("." + expected)
+    if row.startswith("seq-"):
+        assert "-".join(cfg.order.tasks) == row[4:]
+
+
+@pytest.mark.parametrize("scale,model,epochs,limit", [("smoke", "tiny", 1, 64),
+                                                      ("cpu", "minilm", 2, 2000),
+                                                      ("full", "bert-base", 10, None)])
+def test_scale_sets_size_whatever_the_experiment(compose_cfg, scale, model, epochs, limit):
+    for experiment in options("experiment"):
+        cfg = compose_cfg([f"experiment={experiment}", f"scale={scale}"])
+        assert (cfg.model.name, cfg.trainer.epochs, cfg.data.limit_train) == (model, epochs, limit)
+    base = compose_cfg(["experiment=table3"])
+    scaled = compose_cfg(["experiment=table3", f"scale={scale}"])
+    assert scaled.peft == base.peft and scaled.trainer._target_ == base.trainer._target_
+
+
+@pytest.mark.parametrize("sweep,method", [("optuna_lora", "Lora"), ("optuna_dora", "Dora")])
+def test_optuna_sweeps_search_lr_rank_alpha_dropout(sweep, method):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    assert cfg.peft._target_.endswith("." + method)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {"peft.lr", "peft.rank", "peft.alpha", "peft.dropout"}
+
+
+@pytest.mark.parametrize("launcher,target", [("parallel", "JoblibLauncher"),
+                                             ("local", "LocalLauncher"),
+                                             ("slurm", "SlurmLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    pytest.importorskip(f"hydra_plugins.hydra_{'joblib' if launcher == 'parallel' else 'submitit'}"
+                        "_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("." + target)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return write_synthetic_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.slow  # about a minute: 18 + 24 + 9 smoke runs
+@pytest.mark.parametrize("experiment,runs", [("table1", 18), ("table2", 24), ("table3", 9)])
+def test_every_preset_runs_at_smoke_scale(tmp_path, synthetic, experiment, runs):
+    sweep = tmp_path / "sweep"
+    train("-m", f"experiment={experiment}", "scale=smoke", f"data.root={synthetic}",
+          f"hydra.sweep.dir={sweep}")
+    done = finished_runs(sweep)
+    assert len(done) == runs and not list(sweep.rglob("error.txt"))
+    assert {r["cfg"]["experiment_name"] for r in done} == {experiment}
+    assert {r["cfg"]["model"]["name"] for r in done} == {"tiny"}
+    for run in done:
+        assert 0.0 <= run["metrics"]["dev/overall"] <= 1.0
+        assert run["metrics"]["params/trainable"] > 0
+
+
+def test_failed_job_is_reported_and_the_others_kept(tmp_path, synthetic):
+    sweep = tmp_path / "sweep"
+    proc = train("-m", "experiment=table2", "scale=smoke", "table2=lora-qkv-r2",
+                 "trainer.task=sst,bogus,sts", f"data.root={synthetic}",
+                 f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1
+    assert "1 run(s) of the multirun failed" in proc.stderr and str(sweep / "1") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    error = (sweep / "1" / "error.txt").read_text()
+    assert error.startswith("trainer: trainer.task='bogus'; use one of ['para', 'sst', 'sts']")
+    assert sorted(r["cfg"]["trainer"]["task"] for r in finished_runs(sweep)) == ["sst", "sts"]
