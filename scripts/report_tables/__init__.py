@@ -1,0 +1,10 @@
+"""Tables 1–3 and Figure 2 of the report from a folder of Hydra runs: `collect` finds and reads
+the runs, `layouts` places them in each table's rows and columns, `render` writes Markdown, CSV
+and LaTeX, `figure` draws Figure 2. `scripts/make_tables.py` is the command line."""
+from .collect import NoRunsError, Run, collect_runs, table_of
+from .figure import figure2
+from .layouts import LAYOUTS, Table, build_tables
+from .render import csv_text, latex, markdown, write_table
+
+__all__ = ["LAYOUTS", "NoRunsError", "Run", "Table", "build_tables", "collect_runs", "csv_text",
+           "figure2", "latex", "markdown", "table_of", "write_table"]

@@ -1,0 +1,300 @@
+"""The report's table layouts (which run goes in which row and column, display names, canonical row
+order) and building a table from runs: each cell is the mean and sample std over its runs (one a
+seed), with notes naming every missing or failed cell and settings the runs should share but don't.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .collect import Run, declared_table, natural_key, table_of
+
+RowKey = tuple[str, ...]
+ORDERS = ("sst-para-sts", "sst-sts-para", "para-sst-sts", "para-sts-sst", "sts-sst-para",
+          "sts-para-sst")
+DESIGNS = {"concat": "Concatenation", "separate": "Projection + aggregation",
+           "joint": "Joint encoding"}
+TASK_TITLES = {"sst": "SST acc", "para": "Para acc", "sts": "STS corr"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column; `slot` is the runs it reads (a task in Table 2), None: all of the row's."""
+
+    key: str
+    title: str
+    metric: str
+    slot: str | None = ""
+    percent: bool = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each run goes in one table. A row holds one run per seed in each of its `slots`."""
+
+    number: int
+    title: str
+    label_keys: tuple[str, ...]
+    label_titles: tuple[str, ...]
+    columns: tuple[Column, ...]
+    canonical: tuple[RowKey, ...]
+    row_of: Callable[[Run], RowKey]
+    labels: Callable[[RowKey], tuple[str, ...]]
+    describe: Callable[[RowKey], str]
+    slot_of: Callable[[Run], str]
+    slots: tuple[str, ...] = ("",)
+    shared: tuple[tuple[str, Callable[[Run], str]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Cell:
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+
+@dataclass(frozen=True)
+class Row:
+    key: RowKey
+    labels: tuple[str, ...]
+    cells: dict[str, Cell]
+    seeds: dict[str, int]  # finished runs in each slot
+
+
+@dataclass(frozen=True)
+class Table:
+    layout: Layout
+    rows: list[Row]
+    notes: list[str]  # missing and failed cells, runs left out, settings the runs don't share
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def order_name(run: Run) -> str:
+    tasks = run.get("order.tasks", [])
+    return "-".join(str(t) for t in tasks) if isinstance(tasks, list) else str(tasks)
+
+
+def order_label(name: str) -> str:
+    return " → ".join(name.split("-"))
+
+
+def peft_targets(run: Run) -> str:
+    targets = run.get("peft.targets", "")
+    return "+".join(str(t) for t in targets) if isinstance(targets, list) else str(targets)
+
+
+def describe_peft(run: Run) -> str:
+    """`Lora r=64 all_linear bias=all`, or the class name alone for full fine-tuning."""
+    parts = [run.target("peft") or "?"]
+    if run.get("peft.rank") is not None:
+        parts.append(f"r={run.get('peft.rank')}")
+    parts += [peft_targets(run)] if run.get("peft.targets") is not None else []
+    parts += [f"bias={run.get('peft.bias')}"] if run.get("peft.bias", "none") != "none" else []
+    return " ".join(parts)
+
+
+def _model(run: Run) -> str:
+    return str(run.get("model.name", "?"))
+
+
+def _design(run: Run) -> str:
+    return str(run.get("heads.design", "?"))
+
+
+def _one_slot(run: Run) -> str:
+    return ""
+
+
+def _score_columns(slot_by_task: bool) -> tuple[Column, ...]:
+    metrics = {"sst": "sst/dev/acc", "para": "para/dev/acc", "sts": "sts/dev/pearson"}
+    keys = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_corr"}
+    return tuple(Column(keys[t], TASK_TITLES[t], metrics[t], t if slot_by_task else "")
+                 for t in metrics)
+
+
+PARAMS = Column("params_updated_pct", "Parameters updated", "params/updated_pct", None, True)
+OVERALL = Column("overall", "Overall", "dev/overall")
+
+TABLE1 = Layout(
+    number=1, title="Table 1: full fine-tuning, sequential training (dev)",
+    label_keys=("design", "order"), label_titles=("Design", "Task order"),
+    columns=(*_score_columns(False), OVERALL),
+    canonical=tuple((d, o) for d in DESIGNS for o in ORDERS),
+    row_of=lambda run: (_design(run), order_name(run)),
+    labels=lambda key: (DESIGNS.get(key[0], key[0]), order_label(key[1])),
+    describe=lambda key: f"{DESIGNS.get(key[0], key[0])}, {order_label(key[1])}",
+    slot_of=_one_slot, shared=(("models", _model), ("PEFT configs", describe_peft)))
+
+TABLE2_ROWS: dict[RowKey, str] = {
+    **{("Lora", "attn_qkv", "none", rank): "LoRA (query & value & key)"
+       for rank in ("2", "4", "16", "64")},
+    ("Dora", "attn_qkv", "none", "64"): "DoRA (query & value & key)",
+    ("Lora", "all_linear", "none", "64"): "LoRA (all linear)",
+    ("Lora", "all_linear", "all", "64"): "LoRA (all linear & bias)",
+    ("Lora", "all_linear", "none", "128"): "LoRA (all linear)",
+}
+
+
+def _table2_row(run: Run) -> RowKey:
+    rank = run.get("peft.rank")
+    return (run.target("peft") or "?", peft_targets(run), str(run.get("peft.bias", "none")),
+            "" if rank is None else str(rank))
+
+
+def _table2_method(key: RowKey) -> str:
+    if key in TABLE2_ROWS:
+        return TABLE2_ROWS[key]
+    method, targets, bias, _ = key
+    details = [d for d in (targets, "" if bias == "none" else f"bias {bias}") if d]
+    return f"{method} ({', '.join(details)})" if details else method
+
+
+TABLE2 = Layout(
+    number=2, title="Table 2: single-task PEFT (dev)",
+    label_keys=("method", "rank"), label_titles=("Method", "Rank"),
+    columns=(PARAMS, *_score_columns(True)),
+    canonical=tuple(TABLE2_ROWS),
+    row_of=_table2_row,
+    labels=lambda key: (_table2_method(key), key[3]),
+    describe=lambda key: f"{_table2_method(key)} r={key[3]}" if key[3] else _table2_method(key),
+    slot_of=lambda run: str(run.get("trainer.task", "")), slots=("sst", "para", "sts"),
+    shared=(("models", _model), ("head designs", _design)))
+
+
+def _table3_row(run: Run) -> RowKey:
+    trainer = run.target("trainer")
+    if trainer == "SequentialTrainer":
+        return ("sequential", order_name(run))
+    if trainer == "MergedExperts":
+        return ("merged", str(run.get("trainer.merge", "linear")))
+    if trainer == "InterleavedTrainer":
+        pcgrad = " + PCGrad" if run.get("trainer.pcgrad") is True else ""
+        return ("interleaved", f"{run.get('trainer.sampler', '?')}{pcgrad}")
+    fixed = {"EnsembleOfExperts": "eoe", "OrthogonalAdaptation": "orthoada"}
+    return (fixed[trainer], "") if trainer in fixed else (trainer or "?", "")
+
+
+def _table3_label(key: RowKey) -> str:
+    kind, detail = key
+    fixed = {("eoe", ""): "Ensemble of Experts", ("merged", "linear"): "FedAvg",
+             ("orthoada", ""): "OrthoAda"}
+    if key in fixed:
+        return fixed[key]
+    names = {"sequential": "Sequential", "merged": "Merged", "interleaved": "Interleaved"}
+    detail = order_label(detail) if kind == "sequential" else detail
+    name = names.get(kind, kind)
+    return f"{name} ({detail})" if detail else name
+
+
+TABLE3 = Layout(
+    number=3, title="Table 3: multi-task strategies (dev)",
+    label_keys=("strategy",), label_titles=("Strategy",),
+    columns=(PARAMS, *_score_columns(False), OVERALL),
+    canonical=(*(("sequential", o) for o in ORDERS), ("eoe", ""), ("merged", "linear"),
+               ("orthoada", "")),
+    row_of=_table3_row, labels=lambda key: (_table3_label(key),), describe=_table3_label,
+    slot_of=_one_slot,
+    shared=(("models", _model), ("PEFT configs", describe_peft), ("head designs", _design)))
+
+LAYOUTS = {layout.number: layout for layout in (TABLE1, TABLE2, TABLE3)}
+
+Groups = dict[RowKey, dict[str, list[Run]]]
+
+
+def _build_row(layout: Layout, key: RowKey, slots: dict[str, list[Run]]) -> Row:
+    finished = {s: [r for r in slots.get(s, []) if r.finished] for s in layout.slots}
+    cells = {}
+    for col in layout.columns:
+        feeding = [r for s in layout.slots if col.slot in (None, s) for r in finished[s]]
+        values = (r.metric(col.metric) for r in feeding)
+        cells[col.key] = Cell(tuple(v for v in values if v is not None))
+    return Row(key, layout.labels(key), cells, {s: len(runs) for s, runs in finished.items()})
+
+
+def _slot_notes(layout: Layout, place: str, slot: str, runs: list[Run]) -> list[str]:
+    if not runs:
+        return [f"{place}: missing (no run)"]
+    done = [r for r in runs if r.finished]
+    rest = f"; the mean is over the other {plural(len(done), 'run')}" if done else ""
+    notes = [f"{place} (seed {r.seed}): {r.status} in `{r.path}`: {r.problem}{rest}"
+             for r in runs if not r.finished]
+    for seed, count in Counter(r.seed for r in done).items():
+        if count > 1:
+            paths = ", ".join(f"`{r.path}`" for r in done if r.seed == seed)
+            notes.append(f"{place}: seed {seed} has {count} finished runs ({paths}); "
+                         "the mean is over them all")
+    for col in layout.columns:
+        if done and col.slot == slot and all(r.metric(col.metric) is None for r in done):
+            notes.append(f"{place}: no `{col.metric}` in the metrics.json of "
+                         + ", ".join(f"`{r.path}`" for r in done))
+    return notes
+
+
+def _gap_notes(layout: Layout, key: RowKey, slots: dict[str, list[Run]]) -> list[str]:
+    where = layout.describe(key)
+    if not any(slots.values()):
+        return [f"{where}: missing (no run)"]
+    notes: list[str] = []
+    for slot in layout.slots:
+        place = f"{where}, {TASK_TITLES.get(slot, slot)}" if slot else where
+        notes += _slot_notes(layout, place, slot, slots.get(slot, []))
+    return notes
+
+
+def _shared_notes(layout: Layout, runs: list[Run]) -> list[str]:
+    notes = []
+    for what, describe in layout.shared:
+        counts = Counter(describe(run) for run in runs)
+        if len(counts) > 1:
+            found = ", ".join(f"{value} ({plural(n, 'run')})"
+                              for value, n in sorted(counts.items()))
+            notes.append(f"the runs use several {what}: {found}; a row pools them")
+    return notes
+
+
+def build_table(layout: Layout, runs: list[Run], full_grid: bool) -> Table:
+    """One table from its runs. `full_grid`: every canonical row shows, with or without runs;
+    otherwise only rows that have runs (an ad-hoc run is not a sweep that left cells out)."""
+    groups: Groups = defaultdict(lambda: defaultdict(list))
+    left_out = []
+    for run in runs:
+        slot = layout.slot_of(run)
+        if slot in layout.slots:
+            groups[layout.row_of(run)][slot].append(run)
+        else:
+            left_out.append(f"left out `{run.path}`: its trainer.task is {slot or 'not set'}")
+    keys = [k for k in layout.canonical if full_grid or k in groups]
+    keys += sorted((k for k in groups if k not in layout.canonical),
+                   key=lambda k: natural_key("\0".join(k)))
+    rows = [_build_row(layout, key, groups.get(key, {})) for key in keys]
+    notes = [note for key in keys for note in _gap_notes(layout, key, groups.get(key, {}))]
+    return Table(layout, rows, notes + left_out + _shared_notes(layout, runs))
+
+
+def build_tables(runs: Iterable[Run], numbers: Iterable[int] = (1, 2, 3)) -> list[Table]:
+    """The tables among `numbers` that have runs, in order."""
+    by_table: dict[int, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_table[table_of(run)].append(run)
+    tables = []
+    for number in sorted(set(numbers)):
+        table_runs = by_table.get(number, [])
+        if table_runs:
+            full_grid = any(declared_table(run) == number for run in table_runs)
+            tables.append(build_table(LAYOUTS[number], table_runs, full_grid))
+    return tables

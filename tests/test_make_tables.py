@@ -1,0 +1,258 @@
+"""scripts/make_tables.py on a synthetic sweep: run dirs whose `.hydra/config.yaml` is a real
+composed config (experiment=table1/2/3 and ad-hoc runs) and whose metrics.json has known values.
+Checks the printed Markdown to the digit, the md/csv/tex files, Figure 2's PNG, the gaps and notes
+for missing, failed and unfinished runs, and the errors for an empty folder."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from conftest import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "make_tables.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cli() -> ModuleType:
+    return _load_script()
+
+
+def write_run(path: Path, cfg: DictConfig, seed: int, metrics: dict | None = None,
+              error: str | None = None) -> Path:
+    cfg = copy.deepcopy(cfg)
+    cfg.seed = seed
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, path / ".hydra" / "config.yaml")
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    if error is not None:
+        (path / "error.txt").write_text(error)
+    return path
+
+
+def single(task: str, score: float, pct: float) -> dict:
+    key = {"sst": "sst/dev/acc", "para": "para/dev/acc", "sts": "sts/dev/pearson"}[task]
+    return {key: score, "dev/overall": score, "params/updated_pct": pct,
+            "params/trainable": 1000, "params/total": 24000}
+
+
+def multi(sst: float, para: float, sts: float, overall: float, pct: float = 100.0) -> dict:
+    return {"sst/dev/acc": sst, "para/dev/acc": para, "sts/dev/pearson": sts,
+            "dev/overall": overall, "params/updated_pct": pct, "params/trainable": 10,
+            "params/total": 10, "memory/peak_mb": 1.0}
+
+
+def _table2_runs(root: Path) -> None:
+    def cfg(row: str, task: str, *extra: str) -> DictConfig:
+        return compose_config(["experiment=table2", f"table2={row}", f"trainer.task={task}",
+                               *extra])
+    sst_r4 = cfg("lora-qkv-r4", "sst")
+    write_run(root / "t2" / "0", sst_r4, 1, single("sst", 0.50, 4.16))
+    write_run(root / "t2" / "1", sst_r4, 2, single("sst", 0.54, 4.16))
+    write_run(root / "t2" / "2", cfg("lora-qkv-r4", "para"), 1, single("para", 0.80, 4.16))
+    write_run(root / "t2" / "3", cfg("lora-qkv-r4", "sts"), 1, single("sts", 0.70, 4.17))
+    write_run(root / "t2" / "4", cfg("lora-qkv-r2", "sst"), 1, single("sst", 0.40, 4.15))
+    write_run(root / "t2" / "5", cfg("lora-qkv-r2", "para"), 1,
+              error="CUDA out of memory\nTraceback (most recent call last): ...\n")
+    # no lora-qkv-r2 sts run; a non-canonical row: LoRA on query and value only
+    write_run(root / "t2" / "10", cfg("lora-qkv-r4", "sst", "peft.targets=attn_qv"), 1,
+              single("sst", 0.30, 3.0))
+
+
+def _table1_runs(root: Path) -> None:
+    concat = compose_config(["experiment=table1", "heads=concat", "order=sst-para-sts"])
+    write_run(root / "t1" / "0", concat, 1, multi(0.50, 0.70, 0.60, 0.66))
+    write_run(root / "t1" / "1", concat, 2, multi(0.54, 0.72, 0.64, 0.68))
+    joint = compose_config(["experiment=table1", "heads=joint", "order=sts-para-sst"])
+    write_run(root / "t1" / "2", joint, 1, multi(0.45, 0.65, 0.55, 0.60))
+    separate = compose_config(["experiment=table1", "heads=separate", "order=para-sst-sts"])
+    write_run(root / "t1" / "3", separate, 1)  # still running: no metrics.json, no error.txt
+
+
+def _table3_runs(root: Path) -> None:
+    seq = compose_config(["experiment=table3", "table3=seq-sst-para-sts"])
+    write_run(root / "t3" / "0", seq, 1, multi(0.51, 0.75, 0.70, 0.70, 7.5))
+    fedavg = compose_config(["experiment=table3", "table3=fedavg"])
+    write_run(root / "t3" / "1", fedavg, 1, multi(0.30, 0.60, 0.20, 0.40, 22.61))
+    write_run(root / "t3" / "2", fedavg, 2, multi(0.34, 0.62, 0.24, 0.44, 22.61))
+    orthoada = compose_config(["experiment=table3", "table3=orthoada"])
+    write_run(root / "t3" / "3", orthoada, 1, error="loss is NaN at step 3")
+    interleaved = compose_config(["trainer=interleaved", "peft=lora"])  # ad hoc: no experiment
+    write_run(root / "adhoc" / "run", interleaved, 1, multi(0.49, 0.74, 0.68, 0.69, 1.2))
+
+
+@pytest.fixture(scope="module")
+def sweep(cli, tmp_path_factory) -> tuple[Path, int, str, str]:
+    """The sweep folder, and main's exit code, stdout and stderr on it."""
+    root = tmp_path_factory.mktemp("sweep")
+    _table1_runs(root)
+    _table2_runs(root)
+    _table3_runs(root)
+    broken = root / "broken" / ".hydra"
+    broken.mkdir(parents=True)
+    (broken / "config.yaml").write_text("seed: [unclosed\n")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(root)])
+    return root, code, out.getvalue(), err.getvalue()
+
+
+def test_table2_cells_gaps_and_notes(sweep):
+    root, code, out, err = sweep
+    assert code == 0
+    assert "**Table 2: single-task PEFT (dev)**" in out
+    assert ("| Method | Rank | Parameters updated | SST acc | Para acc | STS corr |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: |\n"
+            "| LoRA (query & value & key) | 2 | 4.15 % | 0.400 | — | — |\n"
+            "| LoRA (query & value & key) | 4 | 4.16–4.17 % | 0.520 ± 0.028 | 0.800 | 0.700 |\n"
+            "| LoRA (query & value & key) | 16 | — | — | — | — |\n") in out
+    assert ("| LoRA (all linear) | 128 | — | — | — | — |\n"
+            "| Lora (attn_qv) | 4 | 3.00 % | 0.300 | — | — |\n") in out
+    failed = root / "t2" / "5"
+    assert (f"- LoRA (query & value & key) r=2, Para acc (seed 1): failed in `{failed}`: "
+            "CUDA out of memory\n") in out
+    assert "- LoRA (query & value & key) r=2, STS corr: missing (no run)\n" in out
+    assert "- DoRA (query & value & key) r=64: missing (no run)\n" in out
+    assert "- Lora (attn_qv) r=4, Para acc: missing (no run)\n" in out
+    assert "- mean ± std (sample, ddof=1) over 1–2 seeds" in out
+    assert "Traceback" not in out
+    assert f"warning: skipped {root / 'broken'}: unreadable .hydra/config.yaml" in err
+
+
+def test_table1_and_incomplete_run(sweep):
+    root, _, out, _ = sweep
+    assert "**Table 1: full fine-tuning, sequential training (dev)**" in out
+    assert ("| Design | Task order | SST acc | Para acc | STS corr | Overall |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: |\n"
+            "| Concatenation | sst → para → sts | 0.520 ± 0.028 | 0.710 ± 0.014 | 0.620 ± 0.028 "
+            "| 0.670 ± 0.014 |\n"
+            "| Concatenation | sst → sts → para | — | — | — | — |\n") in out
+    assert "| Joint encoding | sts → para → sst | 0.450 | 0.650 | 0.550 | 0.600 |\n" in out
+    assert "| Projection + aggregation | para → sst → sts | — | — | — | — |\n" in out
+    assert (f"- Projection + aggregation, para → sst → sts (seed 1): incomplete in "
+            f"`{root / 't1' / '3'}`: no metrics.json (still running or killed)\n") in out
+    assert "- Joint encoding, sts → sst → para: missing (no run)\n" in out
+    table1 = out.split("**Table 1")[1].split("**Table 2")[0]
+    assert table1.count("\n| ") == 2 + 18  # header, rule and the 3 designs x 6 orders
+    assert "- mean ± std (sample, ddof=1) over 1–2 seeds" in table1
+
+
+def test_table3_rows_and_mixed_peft_note(sweep):
+    root, _, out, _ = sweep
+    table3 = out.split("**Table 3: multi-task strategies (dev)**")[1]
+    assert ("| Sequential (sst → para → sts) | 7.50 % | 0.510 | 0.750 | 0.700 | 0.700 |\n"
+            "| Sequential (sst → sts → para) | — | — | — | — | — |\n") in table3
+    assert "| Ensemble of Experts | — | — | — | — | — |\n" in table3
+    assert ("| FedAvg | 22.61 % | 0.320 ± 0.028 | 0.610 ± 0.014 | 0.220 ± 0.028 "
+            "| 0.420 ± 0.028 |\n| OrthoAda | — | — | — | — | — |\n"
+            "| Interleaved (temperature) | 1.20 % | 0.490 | 0.740 | 0.680 | 0.690 |\n") in table3
+    assert f"- OrthoAda (seed 1): failed in `{root / 't3' / '3'}`: loss is NaN at step 3" in table3
+    assert ("- the runs use several PEFT configs: Lora r=64 all_linear (4 runs), "
+            "Lora r=8 attn_qkv (1 run); a row pools them") in table3
+
+
+def test_written_files(sweep):
+    root, _, out, _ = sweep
+    tables = root / "tables"
+    assert sorted(p.name for p in tables.iterdir()) == [
+        "figure2.png", "table1.csv", "table1.md", "table1.tex", "table2.csv", "table2.md",
+        "table2.tex", "table3.csv", "table3.md", "table3.tex"]
+    for number in (1, 2, 3):
+        md = (tables / f"table{number}.md").read_text(encoding="utf-8")
+        assert md in out
+    with open(tables / "table2.csv", newline="", encoding="utf-8") as f:
+        rows = {(r["method"], r["rank"]): r for r in csv.DictReader(f)}
+    r4 = rows[("LoRA (query & value & key)", "4")]
+    assert (r4["sst_acc"], r4["sst_acc_std"], r4["sst_n_seeds"]) == ("0.520", "0.028", "2")
+    assert float(r4["para_acc"]) == 0.8 and r4["para_acc_std"] == ""
+    assert (r4["params_updated_pct_min"], r4["params_updated_pct_max"]) == ("4.16", "4.17")
+    r2 = rows[("LoRA (query & value & key)", "2")]
+    assert (r2["sst_acc"], r2["para_acc"], r2["sts_corr"]) == ("0.400", "—", "—")
+    assert (r2["para_n_seeds"], r2["sts_n_seeds"]) == ("0", "0")
+    assert len(rows) == 9
+    with open(tables / "table1.csv", newline="", encoding="utf-8") as f:
+        first = next(csv.DictReader(f))
+    assert first["design"] == "Concatenation" and first["n_seeds"] == "2"
+    assert (first["overall"], first["overall_std"]) == ("0.670", "0.014")
+    tex = (tables / "table2.tex").read_text(encoding="utf-8")
+    assert r"\begin{tabular}{llrrrr}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    assert (r"LoRA (query \& value \& key) & 4 & 4.16--4.17 \% & 0.520 $\pm$ 0.028 & 0.800 "
+            r"& 0.700 \\") in tex
+    assert r"LoRA (query \& value \& key) & 2 & 4.15 \% & 0.400 & -- & -- \\" in tex
+    assert "—" not in tex.split(r"\end{tabular}")[0]
+
+
+def test_figure2_is_a_png(sweep):
+    from matplotlib.image import imread
+
+    png = sweep[0] / "tables" / "figure2.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    height, width, channels = imread(png).shape
+    assert height > 0 and width > 0 and channels in (3, 4)
+
+
+def test_table_of_infers_ad_hoc_runs(cli, tmp_path):
+    for overrides, number in ((["trainer=single"], 2), ([], 1), (["trainer=eoe"], 3),
+                              (["experiment=table3", "table3=seq-para-sst-sts"], 3)):
+        run = write_run(tmp_path / str(len(list(tmp_path.iterdir()))),
+                        compose_config(overrides), 0, multi(0.5, 0.5, 0.5, 0.5))
+        assert cli.table_of(cli.collect_runs([run])[0][0]) == number
+
+
+def test_mixed_models_and_repeated_seeds_are_noted(cli, tmp_path, capsys):
+    cfg = compose_config(["experiment=table1"])
+    write_run(tmp_path / "a", cfg, 1, multi(0.5, 0.5, 0.5, 0.5))
+    OmegaConf.update(cfg, "model.name", "tiny")
+    write_run(tmp_path / "b", cfg, 1, multi(0.7, 0.5, 0.5, 0.6))  # the same seed again
+    assert cli.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "- the runs use several models: minilm (1 run), tiny (1 run); a row pools them" in out
+    assert (f"- Projection + aggregation, sst → para → sts: seed 1 has 2 finished runs "
+            f"(`{tmp_path / 'a'}`, `{tmp_path / 'b'}`); the mean is over them all") in out
+    assert "| Projection + aggregation | sst → para → sts | 0.600 ± 0.141 |" in out
+    assert (tmp_path / "out" / "figure2.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_empty_folder_and_missing_table(cli, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no Hydra runs (no .hydra/config.yaml) under {empty}\n"
+    assert cli.main([str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+    write_run(tmp_path / "run", compose_config(["experiment=table1"]), 1,
+              multi(0.5, 0.5, 0.5, 0.5))
+    assert cli.main([str(tmp_path), "--table", "2", "3"]) == 2
+    assert "error: no runs for Tables 2, 3 under" in capsys.readouterr().err
+
+
+def test_cli_subprocess(sweep, tmp_path):
+    out_dir = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(sweep[0]), "--table", "3", "--out", str(out_dir)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("**Table 3: multi-task strategies (dev)**\n")
+    assert "**Table 1" not in result.stdout
+    assert sorted(p.name for p in out_dir.iterdir()) == ["table3.csv", "table3.md", "table3.tex"]
