@@ -3,13 +3,17 @@ or the shared folder beside the repo), and a small synthetic data set in the CS2
 smoke runs are hermetic and fast."""
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -86,3 +90,27 @@ def synthetic_root(tmp_path) -> Path:
 def smoke_overrides(root: Path, *extra: str) -> list[str]:
     return ["model=tiny", "logger=none", "trainer.epochs=1", f"data.root={root}",
             "data.batch_size=16", "progress=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def shared_synthetic_root(tmp_path_factory) -> Path:
+    """One synthetic data set for the tests that only read it (sweeps in subprocesses)."""
+    return write_synthetic_data(tmp_path_factory.mktemp("data"))
+
+
+def train_cli(*args: str, cwd=REPO, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def finished_runs(sweep_dir) -> list[dict]:
+    """metrics.json of every run under a sweep dir, with the run's resolved config beside it."""
+    runs = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.json")):
+        cfg = OmegaConf.to_container(OmegaConf.load(metrics.parent / ".hydra" / "config.yaml"),
+                                     resolve=True)
+        runs.append({"metrics": json.loads(metrics.read_text()), "cfg": cfg})
+    return runs

@@ -1,18 +1,13 @@
 """The report's experiment presets, the scale knob and the sweep configs: every option composes to
 the grid the report describes, and every preset runs end to end at smoke scale (`-m`, in a
-subprocess, on the synthetic data set), with a failing job reported without losing the others."""
+subprocess, on the shared_synthetic_root data set), with a failing job reported without losing the others."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, REPO, write_synthetic_data
+from conftest import CONF, finished_runs, train_cli
 
 ORDERS = ["sst-para-sts", "sst-sts-para", "para-sst-sts", "para-sts-sst", "sts-sst-para",
           "sts-para-sst"]
@@ -29,23 +24,6 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
         cfg = compose(config_name="config", overrides=[f"experiment={experiment}"],
                       return_hydra_config=True)
     return {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
-
-
-def train(*args: str, cwd=REPO, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def finished_runs(sweep_dir) -> list[dict]:
-    """metrics.json of every run under a sweep dir, with the run's resolved config beside it."""
-    runs = []
-    for metrics in sorted(sweep_dir.glob("*/metrics.json")):
-        cfg = yaml.safe_load((metrics.parent / ".hydra" / "config.yaml").read_text())
-        runs.append({"metrics": json.loads(metrics.read_text()), "cfg": cfg})
-    return runs
 
 
 def test_groups_of_the_experiments(compose_cfg):
@@ -136,17 +114,12 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith("." + target)
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return write_synthetic_data(tmp_path_factory.mktemp("data"))
-
-
 @pytest.mark.slow  # about a minute: 18 + 24 + 9 smoke runs
 @pytest.mark.parametrize("experiment,runs", [("table1", 18), ("table2", 24), ("table3", 9)])
-def test_every_preset_runs_at_smoke_scale(tmp_path, synthetic, experiment, runs):
+def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, experiment, runs):
     sweep = tmp_path / "sweep"
-    train("-m", f"experiment={experiment}", "scale=smoke", f"data.root={synthetic}",
-          f"hydra.sweep.dir={sweep}")
+    train_cli("-m", f"experiment={experiment}", "scale=smoke",
+              f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
     done = finished_runs(sweep)
     assert len(done) == runs and not list(sweep.rglob("error.txt"))
     assert {r["cfg"]["experiment_name"] for r in done} == {experiment}
@@ -156,10 +129,10 @@ def test_every_preset_runs_at_smoke_scale(tmp_path, synthetic, experiment, runs)
         assert run["metrics"]["params/trainable"] > 0
 
 
-def test_failed_job_is_reported_and_the_others_kept(tmp_path, synthetic):
+def test_failed_job_is_reported_and_the_others_kept(tmp_path, shared_synthetic_root):
     sweep = tmp_path / "sweep"
-    proc = train("-m", "experiment=table2", "scale=smoke", "table2=lora-qkv-r2",
-                 "trainer.task=sst,bogus,sts", f"data.root={synthetic}",
+    proc = train_cli("-m", "experiment=table2", "scale=smoke", "table2=lora-qkv-r2",
+                 "trainer.task=sst,bogus,sts", f"data.root={shared_synthetic_root}",
                  f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode == 1
     assert "1 run(s) of the multirun failed" in proc.stderr and str(sweep / "1") in proc.stderr
