@@ -27,7 +27,7 @@ log = logging.getLogger("train")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Runs one job; returns dev/overall, the objective of sweeps (NaN for a failed job)."""
+    """Runs one job; returns dev/overall, the objective of sweeps (-inf for a failed job)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     label_run(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.sweep.dir if multirun else None,
@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> float:
         return run(cfg, hydra_cfg.runtime.output_dir)
     except Exception as e:
         if multirun:  # one failed job must not stop (or lose) the others
-            return record_failure(hydra_cfg.runtime.output_dir, e)
+            direction = hydra_cfg.sweeper.get("direction", "maximize")
+            return record_failure(hydra_cfg.runtime.output_dir, e, str(direction))
         if not isinstance(e, MinbertError):
             raise  # a bug: keep its traceback
         log.error("%s", e)  # bad input: one clear message, no traceback

@@ -1,4 +1,4 @@
-"""Sweeps beyond the basic launcher, run for real at smoke scale on the shared_synthetic_root data: Optuna's
+"""Sweeps beyond the basic launcher, run for real at smoke scale on the synthetic data: Optuna's
 search (two trials, the best value is the best run's dev/overall), submitit's local executor and
 joblib's parallel jobs (two each), W&B's group and tags for a sweep's runs (read back from the
 offline run files), and `make_tables.py` on a real `experiment=table3 scale=smoke` sweep."""
@@ -46,7 +46,7 @@ def test_optuna_sweeper_runs_two_trials_and_reports_the_best(tmp_path, shared_sy
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
     train_cli("-m", "sweep=optuna_lora", "scale=smoke", "hydra.sweeper.n_trials=2",
-          f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
+              f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
     runs = finished_runs(sweep)
     assert len(runs) == 2
     for run in runs:  # each trial drew its own point of the search space
@@ -60,11 +60,24 @@ def test_optuna_sweeper_runs_two_trials_and_reports_the_best(tmp_path, shared_sy
     assert result["best_params"]["peft.rank"] == best["cfg"]["peft"]["rank"]
 
 
+def test_optuna_search_goes_on_past_failed_trials(tmp_path, shared_synthetic_root):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "optuna"
+    proc = train_cli("-m", "sweep=optuna_lora", "scale=smoke", "hydra.sweeper.n_trials=2",
+                         "peft.bias=bogus", f"data.root={shared_synthetic_root}",
+                         f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "2 run(s) of the multirun failed" in proc.stderr
+    for job in ("0", "1"):  # the second trial ran although the first had failed
+        assert (sweep / job / "error.txt").read_text().startswith("peft: bias='bogus'")
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == (
+        float("-inf"))
+
+
 def test_submitit_local_launcher_runs_two_jobs(tmp_path, shared_synthetic_root):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "submitit"
     train_cli("-m", "hydra/launcher=local", "scale=smoke", "order=sst-para-sts,sts-para-sst",
-          f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
+              f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
     runs = finished_runs(sweep)
     assert sorted(r["cfg"]["order"]["tasks"][0] for r in runs) == ["sst", "sts"]
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # each ran as a submitit job
@@ -74,7 +87,7 @@ def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path, shared_synthetic_ro
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "joblib"
     proc = train_cli("-m", "hydra/launcher=parallel", "scale=smoke", "heads=concat,joint",
-                 f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
+                     f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     assert sorted(r["cfg"]["heads"]["design"] for r in finished_runs(sweep)) == ["concat",
                                                                                   "joint"]
@@ -83,8 +96,9 @@ def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path, shared_synthetic_ro
 def test_wandb_runs_of_a_sweep_share_a_group_and_carry_tags(tmp_path, shared_synthetic_root):
     sweep = tmp_path / "sweep"
     train_cli("-m", "experiment=table2", "scale=smoke", "logger=wandb", "table2=lora-qkv-r4",
-          "trainer.task=sst,sts", "seed=3", f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
-    groups, summaries = set(), []
+              "trainer.task=sst,sts", "seed=3", f"data.root={shared_synthetic_root}",
+              f"hydra.sweep.dir={sweep}")
+    groups = set()
     for task in ("sst", "sts"):
         files = list(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
         assert len(files) == 2
@@ -100,14 +114,13 @@ def test_wandb_runs_of_a_sweep_share_a_group_and_carry_tags(tmp_path, shared_syn
                    if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
         metrics = json.loads((run_file.parents[2] / "metrics.json").read_text())
         assert summary["dev/overall"] == pytest.approx(metrics["dev/overall"])
-        summaries.append(summary)
     assert groups == {f"table2@{sweep.parent.name}_{sweep.name}"}
 
 
 def test_make_tables_prints_table3_from_a_smoke_sweep(tmp_path, shared_synthetic_root):
     sweep = tmp_path / "table3"
     train_cli("-m", "experiment=table3", "scale=smoke", f"data.root={shared_synthetic_root}",
-          f"hydra.sweep.dir={sweep}")
+              f"hydra.sweep.dir={sweep}")
     proc = subprocess.run([sys.executable, "scripts/make_tables.py", str(sweep)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -4,8 +4,9 @@ group-and-tags layout W&B recommends for sweeps (Biewald, 2020).
 
 - `label_run` gives every run of one sweep the same W&B group, tags for its experiment, method,
   trainer, order, head design, row and seed, and a name made of its overrides.
-- `record_failure` turns a failed job into `error.txt` in its run dir and a NaN objective, so that
-  one bad job never takes the other jobs' results with it (the launcher goes on).
+- `record_failure` turns a failed job into `error.txt` in its run dir and the worst objective
+  for the sweep's direction, so that one bad job never takes the other jobs' results with it:
+  the launcher goes on, and an Optuna study counts the trial as its worst and keeps searching.
 - `SweepReport` is a Hydra callback that, when a multirun ends, lists the runs that failed.
 """
 from __future__ import annotations
@@ -47,20 +48,22 @@ def label_run(cfg: DictConfig, choices: dict[str, Any], sweep_dir: str | None,
             cfg.logger.name = override_dirname
 
 
-def record_failure(run_dir: str | Path, error: BaseException) -> float:
+def record_failure(run_dir: str | Path, error: BaseException, direction: str = "maximize") -> float:
     """Writes the error to `<run_dir>/error.txt` (its first line is the message; a bug's traceback
-    follows) and returns NaN, the objective of a failed job."""
+    follows) and returns the objective of a failed job: the worst value for `direction` (-inf when
+    maximising). Not NaN: Optuna rejects a NaN objective by failing the whole search."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    message = f"{type(error).__name__}: {error}" if not isinstance(error, MinbertError) else str(error)
+    bad_input = isinstance(error, MinbertError)
+    message = str(error) if bad_input else f"{type(error).__name__}: {error}"
     text = message.splitlines()[0] if message else type(error).__name__
-    if not isinstance(error, MinbertError):
+    if not bad_input:
         text += "\n\n" + "".join(traceback.format_exception(error))
         log.exception("run failed: %s", message)
     else:
         log.error("run failed: %s", message)
     (run_dir / ERROR_FILE).write_text(text + "\n")
-    return float("nan")
+    return float("inf") if direction == "minimize" else float("-inf")
 
 
 def failed_runs(sweep_dir: str | Path) -> list[tuple[Path, str]]:
