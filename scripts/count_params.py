@@ -3,53 +3,81 @@
     python scripts/count_params.py                                  # LoRA ranks x targets, MiniLM
     python scripts/count_params.py --peft dora --ranks 8 64 --targets attn_qv all_linear
     python scripts/count_params.py --model bert-base                # needs its checkpoint cached
+    python scripts/count_params.py --model bert-base --meta --tasks sst   # shapes only, offline
 
-Each row builds the model exactly as `train.py` would (encoder, PEFT method, the three task heads)
-and prints `params/trainable`, `params/total` and `params/updated_pct` as `metrics.json` has them
+Each row builds the model exactly as `train.py` would (encoder, PEFT method, the task heads) and
+prints `params/trainable`, `params/total` and `params/updated_pct` as `metrics.json` has them
 (heads included), and beside them the encoder's share alone (adapters over base + adapters).
+`--meta` builds bert-base's shapes (BertConfig's defaults) on the meta device: no checkpoint, no
+memory. `--tasks sst` counts one task's head, as a single-task run (the report's Table 2) does.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from minbert.errors import MinbertError
+from minbert.model import BertConfig, BertModel
 from minbert.peft import param_counts
 from tasks import get_tasks
-from trainers.run import build_model
+from tasks.model import MultitaskModel
+from trainers.run import build, build_method, build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def count(model: str, peft: str, rank: int, targets: str, extra: list[str]) -> dict:
+def meta_model(cfg, tasks) -> MultitaskModel:
+    """bert-base's shapes with the configured method and heads, on the meta device."""
+    with torch.device("meta"):
+        encoder = build_method(cfg).apply(BertModel(BertConfig()))
+        heads = {t.name: build(cfg.heads[t.name], f"heads.{t.name}", hidden_size=768)
+                 for t in tasks}
+        return MultitaskModel(encoder, heads, pooling="pooler")
+
+
+def count(model: str, peft: str, rank: int, targets: str, extra: list[str],
+          tasks: list[str] | None = None, meta: bool = False) -> dict:
     overrides = [f"model={model}", f"peft={peft}", f"peft.rank={rank}", f"peft.targets={targets}",
                  *extra]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    model = build_model(cfg, get_tasks(list(cfg.order.tasks)))
+    chosen = get_tasks(tasks or list(cfg.order.tasks))
+    model = meta_model(cfg, chosen) if meta else build_model(cfg, chosen)
     encoder = param_counts(model.encoder)
     return {**param_counts(model), "encoder_pct": encoder["params/updated_pct"]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--peft", default="lora")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 16, 64, 128])
     parser.add_argument("--targets", nargs="+", default=["attn_qkv", "all_linear"])
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="the heads to count (default: the three of `order`)")
+    parser.add_argument("--meta", action="store_true",
+                        help="bert-base shapes on the meta device, without its checkpoint")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. peft.bias=all")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    print(f"| {args.peft} on {args.model} | rank | trainable | total | updated % | encoder % |")
+    name = "bert-base shapes" if args.meta else args.model
+    print(f"| {args.peft} on {name} | rank | trainable | total | updated % | encoder % |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for targets, rank in itertools.product(args.targets, args.ranks):
-        c = count(args.model, args.peft, rank, targets, args.overrides)
+        c = count(args.model, args.peft, rank, targets, args.overrides, args.tasks, args.meta)
         print(f"| {targets} | {rank} | {c['params/trainable']:,} | {c['params/total']:,} | "
               f"{c['params/updated_pct']:.3f} | {c['encoder_pct']:.3f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except MinbertError as e:  # a missing checkpoint, a bad option: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

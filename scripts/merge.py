@@ -57,7 +57,7 @@ def remerge(run_dir: Path, method: str, weights: list[float] | None, options: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--method", default="linear",
                         help="linear | task_arithmetic | ties | dare | dare_ties")

@@ -1,6 +1,6 @@
 """The report's experiment presets, the scale knob and the sweep configs: every option composes to
 the grid the report describes, and every preset runs end to end at smoke scale (`-m`, in a
-subprocess, on the shared_synthetic_root data set), with a failing job reported without losing the others."""
+subprocess, on the synthetic data set), with a failing job reported without losing the others."""
 from __future__ import annotations
 
 import pytest
@@ -132,11 +132,26 @@ def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, exper
 def test_failed_job_is_reported_and_the_others_kept(tmp_path, shared_synthetic_root):
     sweep = tmp_path / "sweep"
     proc = train_cli("-m", "experiment=table2", "scale=smoke", "table2=lora-qkv-r2",
-                 "trainer.task=sst,bogus,sts", f"data.root={shared_synthetic_root}",
-                 f"hydra.sweep.dir={sweep}", check=False)
+                     "trainer.task=sst,bogus,sts", f"data.root={shared_synthetic_root}",
+                     f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode == 1
     assert "1 run(s) of the multirun failed" in proc.stderr and str(sweep / "1") in proc.stderr
     assert "Traceback" not in proc.stderr
     error = (sweep / "1" / "error.txt").read_text()
     assert error.startswith("trainer: trainer.task='bogus'; use one of ['para', 'sst', 'sts']")
     assert sorted(r["cfg"]["trainer"]["task"] for r in finished_runs(sweep)) == ["sst", "sts"]
+
+
+def test_count_params_gives_table2_parameters_on_bert_base_shapes(capsys):
+    """scripts/count_params.py --meta: bert-base's shapes without its checkpoint. LoRA r=2 on
+    query/key/value trains 12 layers x 3 x 2 x (768 + 768) = 110,592 adapter parameters, plus the
+    SST head's 768 x 5 + 5 = 3,845: the report's "~0.1 %" for a single-task run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("count_params", CONF.parent / "scripts" /
+                                                  "count_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--meta", "--tasks", "sst", "--ranks", "2", "--targets", "attn_qkv"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row == "| attn_qkv | 2 | 114,437 | 109,596,677 | 0.104 | 0.101 |"
