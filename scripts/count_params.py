@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="bert-base shapes on the meta device, without its checkpoint")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. peft.bias=all")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     name = "bert-base shapes" if args.meta else args.model
     print(f"| {args.peft} on {name} | rank | trainable | total | updated % | encoder % |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for targets, rank in itertools.product(args.targets, args.ranks):
-        c = count(args.model, args.peft, rank, targets, args.overrides, args.tasks, args.meta)
+        with torch.no_grad():
+            c = count(args.model, args.peft, rank, targets, args.overrides, args.tasks, args.meta)
         print(f"| {targets} | {rank} | {c['params/trainable']:,} | {c['params/total']:,} | "
               f"{c['params/updated_pct']:.3f} | {c['encoder_pct']:.3f} |")
     return 0

@@ -4,6 +4,7 @@ subprocess, on the synthetic data set), with a failing job reported without losi
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -153,5 +154,6 @@ def test_count_params_gives_table2_parameters_on_bert_base_shapes(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--meta", "--tasks", "sst", "--ranks", "2", "--targets", "attn_qkv"]) == 0
+    assert torch.is_grad_enabled()  # the script leaves the process's autograd state alone
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row == "| attn_qkv | 2 | 114,437 | 109,596,677 | 0.104 | 0.101 |"
