@@ -25,19 +25,9 @@ from minbert.errors import MinbertError
 from minbert.model import BertConfig, BertModel
 from minbert.peft import param_counts
 from tasks import get_tasks
-from tasks.model import MultitaskModel
-from trainers.run import build, build_method, build_model
+from trainers.run import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def meta_model(cfg, tasks) -> MultitaskModel:
-    """bert-base's shapes with the configured method and heads, on the meta device."""
-    with torch.device("meta"):
-        encoder = build_method(cfg).apply(BertModel(BertConfig()))
-        heads = {t.name: build(cfg.heads[t.name], f"heads.{t.name}", hidden_size=768)
-                 for t in tasks}
-        return MultitaskModel(encoder, heads, pooling="pooler")
 
 
 def count(model: str, peft: str, rank: int, targets: str, extra: list[str],
@@ -47,7 +37,11 @@ def count(model: str, peft: str, rank: int, targets: str, extra: list[str],
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     chosen = get_tasks(tasks or list(cfg.order.tasks))
-    model = meta_model(cfg, chosen) if meta else build_model(cfg, chosen)
+    if meta:  # bert-base's shapes (BertConfig's defaults), no storage
+        with torch.device("meta"):
+            model = build_model(cfg, chosen, encoder=BertModel(BertConfig()))
+    else:
+        model = build_model(cfg, chosen)
     encoder = param_counts(model.encoder)
     return {**param_counts(model), "encoder_pct": encoder["params/updated_pct"]}
 

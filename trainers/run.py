@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -70,9 +71,11 @@ def build_method(cfg: DictConfig) -> PeftMethod:
     return method
 
 
-def build_model(cfg: DictConfig, tasks, method: PeftMethod | None = None) -> MultitaskModel:
-    """The encoder with the PEFT method applied, and a fresh (trainable) head per task."""
-    encoder = build(cfg.model.encoder, "model.encoder")
+def build_model(cfg: DictConfig, tasks, method: PeftMethod | None = None,
+                encoder: nn.Module | None = None) -> MultitaskModel:
+    """The encoder (`cfg.model.encoder`, unless one is given) with the PEFT method applied, and a
+    fresh (trainable) head per task."""
+    encoder = encoder if encoder is not None else build(cfg.model.encoder, "model.encoder")
     try:
         encoder = (method or build_method(cfg)).apply(encoder)
     except ConfigError as e:

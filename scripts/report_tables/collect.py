@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
+from trainers.sweeps import ERROR_FILE  # what a failed job of train.py writes
+
 Status = Literal["finished", "failed", "incomplete"]
 INCOMPLETE = "no metrics.json (still running or killed)"
 
@@ -98,7 +100,7 @@ def _first_line(path: Path) -> str:
 
 def read_outcome(run_dir: Path) -> tuple[Status, dict[str, float], str]:
     """A run's status, its numeric metrics, and the reason it has none."""
-    metrics_file, error_file = run_dir / "metrics.json", run_dir / "error.txt"
+    metrics_file, error_file = run_dir / "metrics.json", run_dir / ERROR_FILE
     if metrics_file.is_file():
         try:
             data = json.loads(metrics_file.read_text())
