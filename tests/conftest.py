@@ -34,11 +34,17 @@ def data_root() -> Path:
     return root
 
 
-def compose_config(overrides: list[str] | None = None):
-    """Composes conf/config.yaml as `train.py` would, with command-line style overrides."""
+def compose_config(overrides: list[str] | None = None, hydra: bool = False):
+    """Composes conf/config.yaml as `train.py` would, with command-line style overrides;
+    `hydra=True` keeps the `hydra` node (launcher, sweeper and its params)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+        return compose(config_name="config", overrides=overrides or [], return_hydra_config=hydra)
+
+
+def options(group: str) -> list[str]:
+    """The choices of a config group: the YAML files in its folder."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.fixture

@@ -5,16 +5,12 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF
+from conftest import options
 from minbert import BertModel
 from minbert.errors import CheckpointError, ConfigError
 from minbert.peft import PeftMethod, param_counts
 from tasks import get_tasks
 from trainers.run import build, build_model, resolve_device
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 def test_groups_have_the_documented_choices():

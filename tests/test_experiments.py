@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from conftest import CONF, finished_runs, train_cli
+from conftest import REPO, compose_config, finished_runs, options, train_cli
 
 ORDERS = ["sst-para-sts", "sst-sts-para", "para-sst-sts", "para-sts-sst", "sts-sst-para",
           "sts-para-sst"]
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 def sweep_params(experiment: str) -> dict[str, list[str]]:
     """The grid an experiment preset sweeps: key -> its values."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"],
-                      return_hydra_config=True)
+    cfg = compose_config([f"experiment={experiment}"], hydra=True)
     return {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
 
 
@@ -93,9 +83,7 @@ def test_scale_sets_size_whatever_the_experiment(compose_cfg, scale, model, epoc
 @pytest.mark.parametrize("sweep,method", [("optuna_lora", "Lora"), ("optuna_dora", "Dora")])
 def test_optuna_sweeps_search_lr_rank_alpha_dropout(sweep, method):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+    cfg = compose_config([f"sweep={sweep}"], hydra=True)
     assert cfg.peft._target_.endswith("." + method)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "maximize"
@@ -108,10 +96,7 @@ def test_optuna_sweeps_search_lr_rank_alpha_dropout(sweep, method):
 def test_launcher_configs_compose(launcher, target):
     pytest.importorskip(f"hydra_plugins.hydra_{'joblib' if launcher == 'parallel' else 'submitit'}"
                         "_launcher")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"],
-                      return_hydra_config=True)
+    cfg = compose_config([f"hydra/launcher={launcher}"], hydra=True)
     assert cfg.hydra.launcher._target_.endswith("." + target)
 
 
@@ -149,7 +134,7 @@ def test_count_params_gives_table2_parameters_on_bert_base_shapes(capsys):
     SST head's 768 x 5 + 5 = 3,845: the report's "~0.1 %" for a single-task run."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("count_params", CONF.parent / "scripts" /
+    spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts" /
                                                   "count_params.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
