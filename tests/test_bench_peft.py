@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peft")
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_peft.py"
 
 

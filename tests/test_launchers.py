@@ -11,6 +11,10 @@ import sys
 
 import pytest
 import yaml
+# The sweep extra's plugins, imported so that a missing one fails here instead of skipping.
+import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
+import hydra_plugins.hydra_submitit_launcher  # noqa: F401
 
 from conftest import REPO, finished_runs, train_cli
 
@@ -43,7 +47,6 @@ def read_wandb_records(path) -> list:
 
 
 def test_optuna_sweeper_runs_two_trials_and_reports_the_best(tmp_path, shared_synthetic_root):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
     train_cli("-m", "sweep=optuna_lora", "scale=smoke", "hydra.sweeper.n_trials=2",
               f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
@@ -61,7 +64,6 @@ def test_optuna_sweeper_runs_two_trials_and_reports_the_best(tmp_path, shared_sy
 
 
 def test_optuna_search_goes_on_past_failed_trials(tmp_path, shared_synthetic_root):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "optuna"
     proc = train_cli("-m", "sweep=optuna_lora", "scale=smoke", "hydra.sweeper.n_trials=2",
                          "peft.bias=bogus", f"data.root={shared_synthetic_root}",
@@ -74,7 +76,6 @@ def test_optuna_search_goes_on_past_failed_trials(tmp_path, shared_synthetic_roo
 
 
 def test_submitit_local_launcher_runs_two_jobs(tmp_path, shared_synthetic_root):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "submitit"
     train_cli("-m", "hydra/launcher=local", "scale=smoke", "order=sst-para-sts,sts-para-sst",
               f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
@@ -84,7 +85,6 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path, shared_synthetic_root):
 
 
 def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path, shared_synthetic_root):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "joblib"
     proc = train_cli("-m", "hydra/launcher=parallel", "scale=smoke", "heads=concat,joint",
                      f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
