@@ -113,3 +113,37 @@ def test_cuda_without_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="no CUDA GPU is visible; use device=cpu or auto"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("overrides,conflict", [
+    (["peft=galore"], "conflicts with peft=galore"),
+    (["peft=gradnormlorp"], "conflicts with peft=gradnormlorp"),
+    (["optim.state_bits=8"], "conflicts with optim.state_bits=8"),
+])
+def test_a_configured_optimizer_is_never_silently_replaced(synthetic_root, tmp_path, overrides,
+                                                           conflict):
+    """GaLore and 8-bit states train with an AdamW of their own: another optimizer, or an AdamW
+    option they cannot honour, stops the run naming both keys, before any training."""
+    from conftest import compose_config, smoke_overrides
+    from trainers.run import run
+
+    sgd = ["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.weight_decay"]
+    cfg = compose_config(smoke_overrides(synthetic_root, *overrides, *sgd))
+    with pytest.raises(ConfigError, match=r"trainer.optimizer._target_=torch.optim.sgd.SGD "
+                                          + conflict):
+        run(cfg, tmp_path / "sgd")
+    assert not (tmp_path / "sgd" / "history.jsonl").exists()  # stopped before training
+    cfg = compose_config(smoke_overrides(synthetic_root, *overrides,
+                                         "+trainer.optimizer.amsgrad=true"))
+    with pytest.raises(ConfigError, match="trainer.optimizer.amsgrad is an option"):
+        run(cfg, tmp_path / "amsgrad")
+
+
+def test_sgd_alone_is_honoured(compose_cfg):
+    from trainers.optim import build_optimizer
+
+    cfg = compose_cfg(["model=tiny", "trainer.optimizer._target_=torch.optim.SGD",
+                       "+trainer.optimizer.momentum=0.9"])
+    model = build_model(cfg, get_tasks(["sst"]))
+    optimizer = build_optimizer(instantiate(cfg.trainer.optimizer), model, head_lr=1e-3)
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
