@@ -5,10 +5,12 @@
     #   base = transformers.BertModel.from_pretrained(<base checkpoint folder>)
     #   model = peft.PeftModel.from_pretrained(base, "exported/")
 
-The run's composed config (`.hydra/config.yaml`) rebuilds the model, its `adapter.safetensors`
-(the best epoch's state) is loaded into it, and the encoder's adapter is written as
-`adapter_config.json` + `adapter_model.safetensors`. The task heads, which peft's format has no
-place for, go beside them as `minbert_heads.safetensors`.
+The run is rebuilt by `trainers.run.load_run` (its saved config, the tasks it trained and the
+weights its strategy saved), and the encoder's adapter is written as `adapter_config.json` +
+`adapter_model.safetensors`. The task heads, which peft's format has no place for, go beside them
+as `minbert_heads.safetensors`. A run with one expert per task (`trainer=eoe`) is written as one
+adapter per task, in `<out dir>/<task>/`; a merged run (`fedavg`, `orthoada`) holds a full-rank
+ΔW per layer, which peft's LoRA format cannot hold.
 """
 from __future__ import annotations
 
@@ -20,23 +22,32 @@ from safetensors.torch import save_file
 
 from minbert.checkpoint import resolve_checkpoint
 from minbert.errors import MinbertError
-from minbert.peft.io import export_peft, load_adapter
-from tasks import get_tasks
-from trainers.loop import ADAPTER_FILE
-from trainers.run import build_method, build_model, load_run_config
+from minbert.peft.io import export_peft
+from trainers.loop import shared_weights
+from trainers.run import SavedRun, load_run
 
 
-def export_run(run_dir: Path, out_dir: Path) -> Path:
-    cfg = load_run_config(run_dir)
-    method = build_method(cfg)
-    model = build_model(cfg, get_tasks(list(cfg.order.tasks)), method)
-    load_adapter(model, run_dir / ADAPTER_FILE)
-    name = cfg.model.encoder.get("name_or_path")
+def _export(saved: SavedRun, out_dir: Path, heads: list[str]) -> Path:
+    name = saved.cfg.model.encoder.get("name_or_path")
     base = str(resolve_checkpoint(name)) if name and name.startswith("package:") else name
-    export_peft(model.encoder, method, out_dir, base_model=base)
-    heads = {n: p.detach().contiguous() for n, p in model.heads.state_dict().items()}
-    save_file(heads, str(out_dir / "minbert_heads.safetensors"))
+    export_peft(saved.model.encoder, saved.method, out_dir, base_model=base)
+    state = {n: p.detach().contiguous() for n, p in saved.model.heads.state_dict().items()
+             if n.split(".")[0] in heads}
+    save_file(state, str(out_dir / "minbert_heads.safetensors"))
     return out_dir
+
+
+def export_run(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Writes the run's adapter (or one per task, for per-task experts); returns the folders."""
+    saved = load_run(run_dir)
+    names = [t.name for t in saved.tasks]
+    if saved.weights is shared_weights:
+        return [_export(saved, out_dir, names)]
+    written = []
+    for task in names:
+        with saved.weights(task):
+            written.append(_export(saved, out_dir / task, [task]))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="where to write the peft adapter")
     args = parser.parse_args(argv)
     try:
-        out = export_run(args.run_dir, args.out_dir)
+        folders = export_run(args.run_dir, args.out_dir)
     except MinbertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out / 'adapter_config.json'}, {out / 'adapter_model.safetensors'} and "
-          f"{out / 'minbert_heads.safetensors'}")
+    for out in folders:
+        print(f"wrote {out / 'adapter_config.json'}, {out / 'adapter_model.safetensors'} and "
+              f"{out / 'minbert_heads.safetensors'}")
     return 0
 
 

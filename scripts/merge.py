@@ -2,15 +2,18 @@
 merged model on dev, without training.
 
     python scripts/merge.py outputs/runs/<date>/<time>                        # the run's own merge
+    python scripts/merge.py <run> --method ties                               # density 0.2
     python scripts/merge.py <run> --method ties --density 0.5
     python scripts/merge.py <run> --method task_arithmetic --weights 1 1 1 --scale 0.4
     python scripts/merge.py <run> --method dare --density 0.3 --seed 1
 
 The run must come from `trainer=eoe`, `fedavg` or `orthoada` (its `experts/<task>.safetensors`).
-Its composed config (`.hydra/config.yaml`) rebuilds the model as the run did; each expert's update
-is formed exactly per layer (ΔW_i = s_i B_i A_i) and merged in weight space
-(`minbert.peft.merging`), each task keeps its own head. The scores are printed and written to
-`<run>/merges/<method>.json`.
+`trainers.run.load_run` rebuilds it (its config, the tasks it trained, its initial adapters); each
+expert's update is formed exactly per layer (ΔW_i = s_i B_i A_i) and merged in weight space
+(`minbert.peft.merging`), and each task keeps its own head. Options not given are the run's own
+(its `trainer.merge`, `trainer.weights`, ...) or, for another method, the published defaults
+(`minbert.peft.merging.DEFAULTS`: TIES keeps 20 %, DARE 10 %). The scores are printed and written
+to `<run>/merges/<method>.json`.
 """
 from __future__ import annotations
 
@@ -19,35 +22,45 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from minbert.errors import MinbertError
-from tasks import get_tasks
+from minbert.peft.merging import check_merge_options, default_options
 from tasks.data import load_task_data, resolve_root
-from trainers.experts import encoder_state, merge_experts
+from trainers.experts import (MergedExperts, encoder_state, merge_experts, merged_weights,
+                              read_experts)
 from trainers.loop import RunContext, evaluate
-from trainers.run import (build_method, build_model, encode_data, load_run_config,
-                          seed_everything)
+from trainers.run import build, encode_data, load_run
 
 
-def remerge(run_dir: Path, method: str, weights: list[float] | None, options: dict,
+def merge_settings(trainer, n: int, method: str | None, weights: list[float] | None,
+                   options: dict) -> tuple[str, list[float], dict]:
+    """The merge to run: what was given, else the run's own merge, else linear with 1/n."""
+    own = isinstance(trainer, MergedExperts)
+    method = method or (trainer.merge if own else "linear")
+    if weights is None:
+        weights = (trainer.weights or [trainer.default_weight(n)] * n) if own else [1.0 / n] * n
+    if own and method == trainer.merge:
+        options = {**trainer.options, **options}
+    options = {**default_options(method, options), **options}
+    check_merge_options(method, options)
+    return method, weights, options
+
+
+def remerge(run_dir: Path, method: str | None, weights: list[float] | None, options: dict,
             data_root: str | None = None) -> dict[str, float]:
-    cfg = load_run_config(run_dir)
-    tasks = get_tasks(list(cfg.order.tasks))
-    files = [run_dir / "experts" / f"{t.name}.safetensors" for t in tasks]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise MinbertError(f"no saved experts {missing}: merge.py needs a run of trainer=eoe, "
-                           "fedavg or orthoada")
-    seed_everything(cfg.seed)  # the adapters' initial state, as the run drew it
-    model = build_model(cfg, tasks, build_method(cfg))
-    weights = weights or [1.0 / len(tasks)] * len(tasks)
-    merge_experts(model, encoder_state(model), [load_file(str(f)) for f in files], method,
-                  weights, options)
-    raw = load_task_data(tasks, resolve_root(data_root or cfg.data.root), None,
-                         cfg.data.limit_eval)
-    data = encode_data(cfg, model, {t: {"dev": s["dev"]} for t, s in raw.items()})
-    ctx = RunContext(model, tasks, data, run_dir, None, progress=False)
+    saved = load_run(run_dir)
+    names = [t.name for t in saved.tasks]
+    experts = read_experts(run_dir, names)
+    method, weights, options = merge_settings(build(saved.cfg.trainer, "trainer"), len(names),
+                                              method, weights, options)
+    init = encoder_state(saved.model)
+    merged = merge_experts(saved.model, init, [experts[t] for t in names], method, weights,
+                           options)
+    heads = {n: t for e in experts.values() for n, t in e.items() if n.startswith("heads.")}
+    raw = load_task_data(saved.tasks, resolve_root(data_root or saved.cfg.data.root), None,
+                         saved.cfg.data.limit_eval)
+    data = encode_data(saved.cfg, saved.model, {t: {"dev": s["dev"]} for t, s in raw.items()})
+    ctx = RunContext(saved.model, saved.tasks, data, run_dir, None, progress=False,
+                     method=saved.method, weights=merged_weights(saved.model, merged, heads))
     metrics, _ = evaluate(ctx, "dev")
     out = run_dir / "merges" / f"{method}.json"
     out.parent.mkdir(exist_ok=True)
@@ -59,8 +72,9 @@ def remerge(run_dir: Path, method: str, weights: list[float] | None, options: di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--method", default="linear",
-                        help="linear | task_arithmetic | ties | dare | dare_ties")
+    parser.add_argument("--method", default=None,
+                        help="linear | task_arithmetic | ties | dare | dare_ties "
+                             "(default: the run's own trainer.merge)")
     parser.add_argument("--weights", type=float, nargs="+", help="one per task, in the run's order")
     parser.add_argument("--density", type=float, help="ties, dare: the fraction of entries kept")
     parser.add_argument("--scale", type=float, help="task_arithmetic: the scale of the sum")

@@ -59,17 +59,25 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 
 def read_split(task: Task, root: Path, split: str) -> Split:
     """Reads `<root>/<prefix>-<split>.csv`; test-student files have no label column."""
-    path = task.path(root, split)
-    labelled = split != "test-student"
-    needed = ["id", *task.text_columns] + ([task.label_column] if labelled else [])
+    return read_file(task, task.path(root, split), split, labelled=split != "test-student")
+
+
+def read_file(task: Task, path: Path, split: str, labelled: bool | None = None) -> Split:
+    """Reads any CS224N-format file of `task`. `labelled=None`: labelled if the header has the
+    task's label column (then every row's label is read and checked)."""
+    path = Path(path)
     if not path.is_file():
+        needed = ["id", *task.text_columns] + ([task.label_column] if labelled is not False else [])
         raise DataError(f"{path} not found. Expected a tab-separated file with columns "
                         f"{needed}; fetch the data with `python scripts/get_data.py`.")
-    out = Split(task, split, path, labels=[] if labelled else None)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter="\t")
-            _check_columns(path, reader.fieldnames, needed)
+            if labelled is None:
+                labelled = task.label_column in (reader.fieldnames or [])
+            out = Split(task, split, path, labels=[] if labelled else None)
+            _check_columns(path, reader.fieldnames,
+                           ["id", *task.text_columns] + ([task.label_column] if labelled else []))
             for row in reader:
                 _add_row(out, row, reader.line_num)
     except (csv.Error, UnicodeDecodeError) as e:

@@ -8,23 +8,23 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, smoke_overrides
+from conftest import REPO, smoke_overrides, trained_run
 from minbert.errors import ConfigError
-from minbert.peft import adapter_layers
-from trainers.run import run
+from minbert.peft import adapter_layers, merge
+from minbert.peft.io import read_metadata
+from minbert.peft.layer import replace_module
+from minbert.peft.lora import Lora, LoraLinear
+from tasks import get_tasks
+from trainers.experts import encoder_state, merge_experts
+from trainers.run import build_model, run, setup
 
 LAYER = "layers.0.attn.query"
 
 
 def run_trainer(compose_cfg, root, out, *overrides):
-    cfg = compose_cfg(smoke_overrides(root, "trainer.epochs=2", *overrides))
-    run(cfg, out)
-    (out / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # as train.py's Hydra would
-    return json.loads((out / "metrics.json").read_text())
+    return trained_run(root, out, "trainer.epochs=2", *overrides)[1]
 
 
 def expert_delta(out, task, scaling):
@@ -39,7 +39,7 @@ def test_eoe_scores_each_task_with_its_own_best_expert(compose_cfg, synthetic_ro
         best = max(h[key] for h in history if key in h)  # that expert's best epoch
         assert metrics[key] == pytest.approx(best, abs=1e-6)
     files = {p.name for p in (tmp_path / "experts").iterdir()}
-    assert files == {"sst.safetensors", "para.safetensors", "sts.safetensors"}
+    assert files == {"init.safetensors", "sst.safetensors", "para.safetensors", "sts.safetensors"}
     sst = load_file(str(tmp_path / "experts" / "sst.safetensors"))
     assert any(k.startswith("heads.sst.") for k in sst)
     assert not any(k.startswith(("heads.para.", "heads.sts.")) for k in sst)
@@ -86,8 +86,11 @@ def test_merge_script_re_merges_saved_experts(compose_cfg, synthetic_root, tmp_p
         assert again[key] == pytest.approx(metrics[key], abs=1e-6)
     r = merge("--method", "ties", "--density", "0.5")
     assert r.returncode == 0 and (tmp_path / "merges" / "ties.json").is_file()
-    r = merge("--method", "ties")
-    assert r.returncode == 1 and "needs the option(s) ['density']" in r.stderr
+    r = merge("--method", "ties")  # TIES's published default: keep the top 20 %
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "merges" / "ties.json").read_text())["density"] == 0.2
+    r = merge("--method", "linear", "--density", "0.5")
+    assert r.returncode == 1 and "merge 'linear' takes no option ['density']" in r.stderr
 
 
 @pytest.mark.parametrize("overrides", [
@@ -104,8 +107,9 @@ def test_every_expert_trainer_runs(compose_cfg, synthetic_root, tmp_path, overri
 
 
 def test_expert_trainer_config_errors(compose_cfg, synthetic_root, tmp_path):
-    with pytest.raises(ConfigError, match="trainer.merge=ties needs trainer.density"):
-        run(compose_cfg(smoke_overrides(synthetic_root, "trainer=fedavg", "trainer.merge=ties")),
+    with pytest.raises(ConfigError, match=r"trainer.merge=linear: merge 'linear' takes no option "
+                                          r"\['density'\]"):
+        run(compose_cfg(smoke_overrides(synthetic_root, "trainer=fedavg", "trainer.density=0.3")),
             tmp_path)
     with pytest.raises(ConfigError, match="orthoada needs LoRA adapters"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=orthoada", "peft=dora")),
@@ -154,3 +158,101 @@ def test_expert_counts_match_the_reports_three_lora_experts(compose_cfg):
     assert counts["params/trainable"] == 3 * per_expert + head_params
     assert counts["params/total"] == 109_482_240 + 3 * per_expert + head_params
     assert round(counts["params/updated_pct"], 1) == 22.6  # the report: 22.8 %, with its heads
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def fitted(compose_cfg, root, tmp_path, *overrides):
+    """(the run context, the FitResult, the model's state before training) of a smoke run."""
+    trainer, _, ctx = setup(compose_cfg(smoke_overrides(root, *overrides)), tmp_path)
+    before = snapshot(ctx.model)
+    return ctx, trainer.fit(ctx), before
+
+
+def test_eoe_experts_are_loaded_only_inside_their_context(compose_cfg, synthetic_root, tmp_path):
+    """The expert context restores the model on exit: after a run the model holds the initial
+    state, not silently the last expert."""
+    ctx, result, before = fitted(compose_cfg, synthetic_root, tmp_path, "trainer=eoe", "peft=lora")
+    assert_same(snapshot(ctx.model), before)
+    for task in ("sts", "sst"):
+        expert = load_file(str(tmp_path / "experts" / f"{task}.safetensors"))
+        with result.weights(task):
+            for name, t in expert.items():
+                assert torch.equal(ctx.model.state_dict()[name], t), name
+        assert_same(snapshot(ctx.model), before)
+
+
+def test_fedavg_leaves_no_layer_merged_and_a_later_merge_works(compose_cfg, synthetic_root,
+                                                              tmp_path):
+    ctx, result, before = fitted(compose_cfg, synthetic_root, tmp_path, "trainer=fedavg",
+                                 "peft=lora")
+    layers = dict(adapter_layers(ctx.model.encoder))
+    assert not any(m.merged for m in layers.values())
+    assert_same(snapshot(ctx.model), before)
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    with result.weights("sst"):  # W0 + the merged ΔW, in every layer
+        layer = layers[LAYER]
+        assert layer.merged
+        torch.testing.assert_close(layer.weight, before[f"encoder.{LAYER}.weight"]
+                                   + merged[f"encoder.{LAYER}.delta_weight"])
+    assert not any(m.merged for m in layers.values())
+    assert_same(snapshot(ctx.model), before)
+    with torch.no_grad():
+        layers[LAYER].lora_B.fill_(0.5)
+    merge(ctx.model)  # the layer's own update folds in, as it would in any other run
+    torch.testing.assert_close(layers[LAYER].weight, before[f"encoder.{LAYER}.weight"]
+                               + layers[LAYER].delta_weight())
+
+
+class ExtraLora(LoraLinear):
+    """LoRA with one more trained tensor that is not part of ΔW (a per-layer output shift)."""
+
+    adapter_names = ("lora_A", "lora_B", "shift")
+    delta_names = ("lora_A", "lora_B")
+
+    def __init__(self, base):
+        super().__init__(base, rank=2, scaling=1.0)
+        self.shift = torch.nn.Parameter(torch.zeros(()))
+
+
+def test_a_merge_handles_every_trained_tensor(compose_cfg):
+    """Tensors a method declares outside ΔW merge as task vectors: two experts whose extra tensor
+    is 1 and 3 merge (linear, 1/2 each) to 2, not back to the initial 0."""
+    cfg = compose_cfg(["model=tiny"])
+    model = build_model(cfg, get_tasks(["sst"]), Lora(rank=2, targets=["layers.0.attn.query"]))
+    replace_module(model.encoder, LAYER, ExtraLora(_plain(model, LAYER)))
+    init = encoder_state(model)
+    experts = []
+    for value in (1.0, 3.0):
+        state = dict(init)
+        state[f"encoder.{LAYER}.shift"] = torch.tensor(value)
+        state[f"encoder.{LAYER}.lora_B"] = torch.full_like(init[f"encoder.{LAYER}.lora_B"], value)
+        experts.append(state)
+    merged = merge_experts(model, init, experts, "linear", [0.5, 0.5], {})
+    assert merged[f"encoder.{LAYER}.shift"] == 2.0  # a task vector: 0 + (1 + 3) / 2
+    want = 0.5 * sum(v * torch.ones(64, 2) @ init[f"encoder.{LAYER}.lora_A"] for v in (1, 3))
+    torch.testing.assert_close(merged[f"encoder.{LAYER}.delta_weight"], want)
+
+
+def _plain(model, name):
+    layer = model.encoder.get_submodule(name)
+    base = torch.nn.Linear(layer.in_features, layer.out_features)
+    base.weight, base.bias = layer.weight, layer.bias
+    return base
+
+
+@pytest.mark.parametrize("merge_name,density", [("ties", 0.2), ("dare", 0.1)])
+def test_ties_and_dare_take_the_published_density(compose_cfg, synthetic_root, tmp_path,
+                                                  merge_name, density):
+    run_trainer(compose_cfg, synthetic_root, tmp_path, "trainer=fedavg", "peft=lora",
+                f"trainer.merge={merge_name}")
+    meta = read_metadata(tmp_path / "merged.safetensors")
+    assert meta["merge"] == merge_name and json.loads(meta["density"]) == density

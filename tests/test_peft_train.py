@@ -10,17 +10,16 @@ import peft
 import pytest
 import torch
 import transformers
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, smoke_overrides
+from conftest import REPO, smoke_overrides, trained_run
 from minbert.checkpoint import minbert_to_hf_key
 from minbert.peft import param_counts
 from minbert.peft.io import load_adapter, read_metadata
 from tasks import get_tasks
 from trainers.loop import RunContext, predict
 from tasks.data import load_task_data
-from trainers.run import build, build_method, build_model, encode_data, run
+from trainers.run import build, build_method, build_model, encode_data
 
 METHODS = ["lora", "lora_fa", "dora", "vera"]
 
@@ -31,11 +30,7 @@ def read_predictions(path) -> np.ndarray:
 
 
 def run_method(compose_cfg, root, out, method, *extra):
-    cfg = compose_cfg(smoke_overrides(root, f"peft={method}", "trainer.epochs=2", *extra))
-    run(cfg, out)
-    (out / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # as train.py's Hydra would
-    return cfg, json.loads((out / "metrics.json").read_text())
+    return trained_run(root, out, f"peft={method}", "trainer.epochs=2", *extra)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -5,34 +5,44 @@
 - `trainer=fedavg`: the same experts, merged into one model in weight space,
   θ0 + Σ_i λ_i Δθ_i (McMahan et al., 2017, with one round), where each adapter layer's update is
   formed exactly, ΔW_i = s_i B_i A_i, before combining (`minbert.peft.merging`); `trainer.merge`
-  also picks task arithmetic, TIES or DARE. Each task keeps its own head.
+  also picks task arithmetic, TIES or DARE. Every other tensor an expert changes (biases under
+  `bias=all`, full fine-tuning's weights, adapter tensors outside ΔW) merges as a task vector by
+  the same method. Each task keeps its own head.
 - `trainer=orthoada`, orthogonal adaptation (Po et al., 2023): every LoRA layer draws one random
   orthogonal basis by QR; task i gets the disjoint column block i as its frozen B_i and trains only
   A_i (from zero), so B_iᵀB_j = 0 and the summed merge keeps each task's update in its own subspace.
 
-Experts are saved as `experts/<task>.safetensors`, and a merge as `merged.safetensors`, so that
-`scripts/merge.py` can merge them again with other weights or methods without training.
+The shared model is never left holding an expert or a merge: after `fit` it is back at the initial
+state, and `FitResult.weights(task)` loads a task's expert (or merges the experts) for the duration
+of a `with`, restoring the model on exit. Experts are saved as `experts/<task>.safetensors`, the
+initial adapter tensors as `experts/init.safetensors` and a merge as `merged.safetensors`, so that
+`load_weights` rebuilds the run and `scripts/merge.py` merges again without training.
 """
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 
-from minbert.errors import ConfigError
+from minbert.errors import CheckpointError, ConfigError
 from minbert.peft import adapter_layers, adapter_state_dict, param_counts
 from minbert.peft.io import method_metadata, save_state
 from minbert.peft.lora import LoraLinear
-from minbert.peft.merging import MERGES, merge_deltas
-from trainers.loop import RunContext, append_history, evaluate, train_task_epoch
+from minbert.peft.merging import (MERGES, MergeError, check_merge_options, default_options,
+                                   merge_deltas)
+from trainers.loop import (FitResult, RunContext, TaskWeights, append_history, evaluate,
+                           train_task_epoch)
 from trainers.optim import build_optimizer
 from trainers.sequential import SequentialTrainer
 
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
+EXPERTS_DIR, INIT_FILE, MERGED_FILE = "experts", "init.safetensors", "merged.safetensors"
 
 
 def encoder_state(model) -> State:
@@ -46,11 +56,62 @@ def expert_state(model, task: str) -> State:
     return {**encoder_state(model), **head}
 
 
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
 @torch.no_grad()
 def load_state(model, state: State) -> None:
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = _tensors(model)
     for name, t in state.items():
         tensors[name].copy_(t)
+
+
+@contextmanager
+def preserved(model, names):
+    """`with preserved(model, names):` the named tensors are restored on exit."""
+    tensors = _tensors(model)
+    saved = {n: tensors[n].detach().clone() for n in names}
+    try:
+        yield model
+    finally:
+        load_state(model, saved)
+
+
+@contextmanager
+def loaded(model, state: State):
+    """`with loaded(model, state):` the model holds `state`; on exit, what it held before."""
+    with preserved(model, state):
+        load_state(model, state)
+        yield model
+
+
+def expert_weights(model, experts: dict[str, State]) -> TaskWeights:
+    """Each task scored with its own expert, loaded for the `with` and unloaded after it."""
+    return lambda task: loaded(model, experts[task])
+
+
+def expert_file(run_dir: Path, task: str) -> Path:
+    return Path(run_dir) / EXPERTS_DIR / f"{task}.safetensors"
+
+
+def read_experts(run_dir: Path, tasks: list[str]) -> dict[str, State]:
+    """The saved experts of a run, by task; a missing file is a clear error."""
+    files = {t: expert_file(run_dir, t) for t in tasks}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"no saved experts {missing}: only runs of trainer=eoe, fedavg or "
+                              "orthoada save experts (did the run finish?)")
+    return {t: load_file(str(f)) for t, f in files.items()}
+
+
+def load_init(model, run_dir: Path) -> None:
+    """Puts the adapters back at the run's initial state (`experts/init.safetensors`)."""
+    path = Path(run_dir) / EXPERTS_DIR / INIT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the run's initial adapter state is needed to "
+                              "rebuild its experts (was the run made by an older version?)")
+    load_state(model, load_file(str(path)))
 
 
 class ExpertTrainer(SequentialTrainer):
@@ -80,17 +141,23 @@ class ExpertTrainer(SequentialTrainer):
         ctx.step = sub.step
         return best
 
-    def train_experts(self, ctx: RunContext) -> list[State]:
+    def train_experts(self, ctx: RunContext) -> tuple[State, list[State], dict]:
+        """(the initial state, one expert per task, the parameter counts over all experts). The
+        model is back at the initial state afterwards."""
+        start = {n: t.clone() for n, t in adapter_state_dict(ctx.model).items()}  # heads too
         init, experts = encoder_state(ctx.model), []
+        save_state({n: t for n, t in init.items() if _is_adapter_tensor(ctx.model, n)},
+                   ctx.run_dir / EXPERTS_DIR / INIT_FILE, method_metadata(ctx.method))
         for index, task in enumerate(ctx.tasks):
-            load_state(ctx.model, init)  # every expert starts from the same state
+            load_state(ctx.model, start)  # every expert starts from the same state
             self.prepare(ctx, index)
             per_expert = sum(p.numel() for p in ctx.model.encoder.parameters() if p.requires_grad)
             experts.append(self.train_expert(ctx, index))
-            save_state(experts[-1], ctx.run_dir / "experts" / f"{task.name}.safetensors",
+            save_state(experts[-1], expert_file(ctx.run_dir, task.name),
                        {**method_metadata(ctx.method), "task": task.name})
-        ctx.param_counts = expert_counts(ctx.model, per_expert, len(ctx.tasks))
-        return experts
+        counts = expert_counts(ctx.model, per_expert, len(ctx.tasks))
+        load_state(ctx.model, start)
+        return init, experts, counts
 
 
 def expert_counts(model, per_expert: int, n: int) -> dict[str, float]:
@@ -107,20 +174,21 @@ def expert_counts(model, per_expert: int, n: int) -> dict[str, float]:
 class EnsembleOfExperts(ExpertTrainer):
     """`trainer=eoe`: each task is scored with its own expert."""
 
-    def fit(self, ctx: RunContext) -> None:
-        experts = dict(zip((t.name for t in ctx.tasks), self.train_experts(ctx)))
+    def fit(self, ctx: RunContext) -> FitResult:
+        _, experts, counts = self.train_experts(ctx)
+        by_task = dict(zip((t.name for t in ctx.tasks), experts))
+        return FitResult(None, float("nan"), expert_weights(ctx.model, by_task), counts)
 
-        @contextmanager
-        def expert(name: str):
-            load_state(ctx.model, experts[name])
-            yield
-
-        ctx.expert = expert
+    @staticmethod
+    def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:
+        load_init(model, run_dir)
+        return expert_weights(model, read_experts(run_dir, tasks))
 
 
 class MergedExperts(ExpertTrainer):
     """`trainer=fedavg`: the experts' updates merged into one model (`merge`: linear (FedAvg),
-    task_arithmetic, ties, dare; `weights`: one per task, default 1/n; `density`, `scale`)."""
+    task_arithmetic, ties, dare, dare_ties; `weights`: one per task, default 1/n; `density`
+    (ties: 0.2, dare: 0.1 when not given, see `minbert.peft.merging.DEFAULTS`), `scale`)."""
 
     default_weight: Callable[[int], float] = staticmethod(lambda n: 1.0 / n)
 
@@ -131,46 +199,93 @@ class MergedExperts(ExpertTrainer):
         if merge not in MERGES:
             raise ConfigError(f"trainer.merge={merge!r}; use one of {sorted(MERGES)}")
         self.merge, self.weights = merge, None if weights is None else [float(w) for w in weights]
-        self.options = {k: v for k, v in merge_options.items() if v is not None}
-        if merge in ("ties", "dare", "dare_ties") and "density" not in self.options:
-            raise ConfigError(f"trainer.merge={merge} needs trainer.density (the fraction kept)")
+        given = {k: v for k, v in merge_options.items() if v is not None}
+        self.options = {**default_options(merge, given), **given}
+        try:
+            check_merge_options(merge, self.options)
+        except MergeError as e:
+            raise ConfigError(f"trainer.merge={merge}: {e}") from e
+        for key in sorted(set(self.options) - set(given)):
+            log.info("trainer.merge=%s: trainer.%s=%s (the published default)", merge, key,
+                     self.options[key])
 
-    def fit(self, ctx: RunContext) -> None:
-        init = encoder_state(ctx.model)
-        experts = self.train_experts(ctx)
+    def fit(self, ctx: RunContext) -> FitResult:
+        init, experts, counts = self.train_experts(ctx)
         weights = self.weights or [self.default_weight(len(experts))] * len(experts)
         if len(weights) != len(experts):
             raise ConfigError(f"trainer.weights has {len(weights)} values for {len(experts)} tasks")
         merged = merge_experts(ctx.model, init, experts, self.merge, weights, self.options)
-        save_state(merged, ctx.run_dir / "merged.safetensors",
+        save_state(merged, ctx.run_dir / MERGED_FILE,
                    {"merge": self.merge, "weights": weights, **self.options})
+        heads = {n: t for e in experts for n, t in e.items() if n.startswith("heads.")}
+        return FitResult(None, float("nan"), merged_weights(ctx.model, merged, heads), counts)
+
+    @staticmethod
+    def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:
+        load_init(model, run_dir)
+        path = Path(run_dir) / MERGED_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: the run did not finish its merge")
+        heads = {n: t for e in read_experts(run_dir, tasks).values() for n, t in e.items()
+                 if n.startswith("heads.")}
+        return merged_weights(model, load_file(str(path)), heads)
 
 
 def merge_experts(model, init: State, experts: list[State], method: str, weights: list[float],
                   options: dict) -> State:
-    """Loads θ0 + merge(Δθ_i) into `model`: adapter layers merged with the merged ΔW, other
-    encoder tensors (biases under bias=all, or full fine-tuning's weights) as task vectors; every
-    head from its own expert. Returns the merged ΔW and task vectors by name."""
+    """Merges the experts' updates: each adapter layer's ΔW formed exactly per expert, then merged;
+    every other tensor an expert changed (biases under bias=all, full fine-tuning's weights, an
+    adapter tensor outside ΔW) merged as a task vector τ_i = θ_i - θ0. Returns the merged ΔW (as
+    `<layer>.delta_weight`) and the merged task vectors, by name; the model is left as it was."""
     layer_deltas, vectors = [], []
-    for state in experts:
-        load_state(model, state)
-        layer_deltas.append({n: m.delta_weight().detach() for n, m in adapter_layers(model.encoder)})
-        vectors.append({n: state[n] - t for n, t in init.items() if n.startswith("encoder.")
-                        and not _is_adapter_tensor(model, n)})
+    in_delta = _delta_tensors(model)
+    with preserved(model, {n for e in experts for n in e}):
+        for state in experts:
+            load_state(model, state)
+            layer_deltas.append({n: m.delta_weight().detach()
+                                 for n, m in adapter_layers(model.encoder)})
+            vectors.append({n: state[n] - t for n, t in init.items() if n not in in_delta})
     merged_layers = merge_deltas(method, layer_deltas, weights, **options) if layer_deltas[0] else {}
     merged_vectors = merge_deltas(method, vectors, weights, **options) if vectors[0] else {}
-    load_state(model, init)
-    for state in experts:  # the heads, each from its expert
-        load_state(model, {n: t for n, t in state.items() if n.startswith("heads.")})
-    for name, layer in adapter_layers(model.encoder):
-        layer.merge(merged_layers[name])
-    load_state(model, {n: init[n] + v for n, v in merged_vectors.items()})
     return {**{f"encoder.{n}.delta_weight": d for n, d in merged_layers.items()}, **merged_vectors}
+
+
+def merged_weights(model, merged: State, heads: State) -> TaskWeights:
+    """For a `with`: θ0 + the merged task vectors, each adapter layer merged with the merged ΔW,
+    and every head from its own expert; on exit the layers are unmerged and the model restored."""
+    suffix = ".delta_weight"
+    deltas = {n.removeprefix("encoder.").removesuffix(suffix): t for n, t in merged.items()
+              if n.endswith(suffix)}
+    vectors = {n: t for n, t in merged.items() if not n.endswith(suffix)}
+
+    @contextmanager
+    def weights(task: str):
+        tensors = _tensors(model)
+        with ExitStack() as stack:
+            stack.enter_context(loaded(model, {**{n: tensors[n] + v for n, v in vectors.items()},
+                                               **heads}))
+            layers = dict(adapter_layers(model.encoder))
+            if set(layers) != set(deltas):
+                raise CheckpointError("the merged deltas do not fit the model's adapter layers: "
+                                      f"{sorted(set(layers) ^ set(deltas))[:3]}")
+            for name, layer in layers.items():
+                layer.merge(deltas[name])
+                stack.callback(layer.unmerge)
+            yield model
+
+    return weights
 
 
 def _is_adapter_tensor(model, name: str) -> bool:
     module, _, leaf = name.rpartition(".")
     return leaf in getattr(model.get_submodule(module), "adapter_names", ())
+
+
+def _delta_tensors(model) -> set[str]:
+    """Full names of the tensors the adapter layers' ΔW are made of (`AdapterLinear.delta_names`)."""
+    return {f"encoder.{name}.{leaf}" for name, layer in adapter_layers(model.encoder)
+            for leaf in (layer.delta_names if layer.delta_names is not None
+                         else layer.adapter_names)}
 
 
 class OrthogonalAdaptation(MergedExperts):

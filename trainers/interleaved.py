@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from minbert.errors import ConfigError
 from minbert.peft import trainable_params
-from trainers.loop import (ADAPTER_FILE, BestCheckpoint, RunContext, append_history, checked_loss,
-                           evaluate, optimizer_step, record_loss)
+from trainers.loop import (ADAPTER_FILE, BestCheckpoint, FitResult, RunContext, append_history,
+                           checked_loss, evaluate, optimizer_step, record_loss, saved_weights)
 from trainers.optim import build_optimizer
 from trainers.pcgrad import pcgrad, task_gradients
 from trainers.samplers import OPTIONS, make_sampler
@@ -32,6 +32,8 @@ def endless_batches(ctx: RunContext, task) -> Iterator:
 
 
 class InterleavedTrainer:
+    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.run.load_run)
+
     def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
                  max_grad_norm: float | None = None, sampler: str = "temperature",
                  temperature: float = 2.0, alpha_end: float = 0.2, pcgrad: bool = False):
@@ -44,7 +46,7 @@ class InterleavedTrainer:
         given = {"temperature": temperature, "alpha_end": alpha_end}
         self.options = {k: given[k] for k in OPTIONS[sampler]}
 
-    def fit(self, ctx: RunContext) -> None:
+    def fit(self, ctx: RunContext) -> FitResult:
         optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
                                     ctx.state_bits)
         ctx.optimizer = optimizer
@@ -72,6 +74,7 @@ class InterleavedTrainer:
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                      " (best so far)" if improved else "")
         best.restore(ctx.model)
+        return FitResult(best.epoch, best.score)
 
     def plain_step(self, ctx: RunContext, optimizer, task, batch, epoch: int) -> None:
         loss = checked_loss(ctx, task, batch.to(ctx.device), epoch)

@@ -1,6 +1,8 @@
 """The loop every trainer strategy shares: train one task for one pass over its data, evaluate
-on a split, keep the best state on disk, write predictions. Strategies (`sequential`, and those to
-come) only decide the order in which these run.
+on a split, keep the best state on disk, write predictions. A strategy decides which task trains
+when and which weights score each task: its `fit` returns a `FitResult` whose `weights(task)`
+puts that task's weights in the model for the duration of a `with` (one shared model for the
+sequential and interleaved strategies; an expert, or a merge of experts, for the expert ones).
 """
 from __future__ import annotations
 
@@ -25,6 +27,25 @@ from tasks.model import MultitaskModel
 log = logging.getLogger(__name__)
 
 
+TaskWeights = Callable[[str], ContextManager]  # task name -> a context holding its weights
+
+
+def shared_weights(task: str) -> ContextManager:
+    """One model for every task: nothing to swap."""
+    return nullcontext()
+
+
+@dataclass
+class FitResult:
+    """What a strategy's `fit` returns: the best epoch and its dev/overall, the weights that score
+    each task, and (strategies that train several experts) the parameter counts over all of them."""
+
+    best_epoch: int | None
+    score: float
+    weights: TaskWeights = shared_weights
+    param_counts: dict | None = None
+
+
 @dataclass
 class RunContext:
     """Everything a trainer needs from the run: model, data, where to write, how to log."""
@@ -42,9 +63,7 @@ class RunContext:
     method: object = None  # the PEFT method: its `merge_eval` and its config for adapter files
     state_bits: int = 32  # optim.state_bits: 8 stores optimizer moments block-wise in 8 bits
     optimizer: object = None  # set by the trainer, read for memory accounting
-    # task name -> a context in which the model holds that task's weights (Ensemble of Experts)
-    expert: Callable[[str], ContextManager] = lambda name: nullcontext()
-    param_counts: dict | None = None  # set by strategies that train several experts
+    weights: TaskWeights = shared_weights  # which weights score each task (FitResult.weights)
     step: int = 0
     losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 
@@ -120,9 +139,9 @@ def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
 
 
 def predict_task(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
-    """`predict` with the task's own weights (its expert, if the strategy keeps experts), merged
-    into the base weights unless the method says `merge_eval: false`."""
-    with ctx.expert(task.name), merged(ctx.model, getattr(ctx.method, "merge_eval", False)):
+    """`predict` with the task's own weights (`ctx.weights`: its expert, if the strategy keeps
+    experts), merged into the base weights unless the method says `merge_eval: false`."""
+    with ctx.weights(task.name), merged(ctx.model, getattr(ctx.method, "merge_eval", False)):
         return predict(ctx, task, data)
 
 
@@ -140,6 +159,12 @@ def evaluate(ctx: RunContext, split: str = "dev") -> tuple[dict[str, float], dic
 
 
 ADAPTER_FILE = "adapter.safetensors"
+
+
+def saved_weights(model: torch.nn.Module, run_dir: Path, tasks: list[str]) -> TaskWeights:
+    """The weights a one-model strategy saved: its best state, in `adapter.safetensors`."""
+    load_adapter(model, Path(run_dir) / ADAPTER_FILE)
+    return shared_weights
 
 
 class BestCheckpoint:
@@ -170,9 +195,12 @@ def append_history(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def write_predictions(run_dir: Path, task: Task, split: str, ids: list[str], preds) -> Path:
-    """Writes the CS224N leaderboard format: `id \\t Predicted_X` then `id , prediction` lines."""
-    out = run_dir / "predictions" / f"{task.name}-{split.removesuffix('-student')}-output.csv"
+def write_predictions(run_dir: Path, task: Task, split: str, ids: list[str], preds,
+                      name: str | None = None) -> Path:
+    """Writes the CS224N leaderboard format: `id \\t Predicted_X` then `id , prediction` lines,
+    to `<run_dir>/predictions/<task>-<split>-output.csv`, or to `<run_dir>/<name>` if named."""
+    default = f"predictions/{task.name}-{split.removesuffix('-student')}-output.csv"
+    out = Path(run_dir) / (name or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = (lambda v: f"{v:.6f}") if task.metric == "pearson" else (lambda v: f"{int(v)}")
     with open(out, "w") as f:

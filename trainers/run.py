@@ -1,12 +1,17 @@
 """One experiment run, from a composed Hydra config to `metrics.json`: read the data (failing
 early on bad input), build the encoder, apply the PEFT method, attach the task heads, train with
 the configured strategy, then score the best state on dev and write leaderboard predictions.
-`train.py` is a thin Hydra wrapper around `run`."""
+`train.py` is a thin Hydra wrapper around `run`.
+
+`load_run` is the one loader that rebuilds a finished run for every script (export, merge,
+predict): the saved config, the task list the run trained (`run.json`), and the weights its
+strategy saved."""
 from __future__ import annotations
 
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from minbert.checkpoint import load_tokenizer
-from minbert.errors import ConfigError, MinbertError
+from minbert.errors import CheckpointError, ConfigError, MinbertError
 from minbert.peft import PeftMethod, param_counts
 from tasks import get_tasks
+from tasks.base import Task
 from tasks.batching import EncodedSplit
 from tasks.data import load_task_data, resolve_root
 from tasks.model import MultitaskModel
-from trainers.loop import RunContext, evaluate, predict_task, write_predictions
+from trainers.loop import RunContext, TaskWeights, evaluate, predict_task, write_predictions
 from trainers.memory import PeakMemory, memory_metrics
 from trainers.plots import plot_training
 
@@ -54,6 +60,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or auto")
     return torch.device(name)
+
+
+RUN_FILE = "run.json"  # what a run is, beside its config: the tasks it trains, in order
+
+
+def run_tasks(cfg: DictConfig, trainer) -> list[Task]:
+    """The tasks a run trains, in order: the trainer's own (`trainer=single`), else `order`."""
+    return get_tasks(getattr(trainer, "tasks", None) or list(cfg.order.tasks))
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
@@ -97,37 +111,85 @@ def encode_data(cfg: DictConfig, model: MultitaskModel, raw: dict) -> dict:
     return out
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Trains and evaluates one configuration; returns dev/overall (the sweep objective)."""
+def setup(cfg: DictConfig, run_dir: str | Path):
+    """Everything a run trains with, built before any training so that bad input fails early:
+    (the trainer, the logger, the RunContext: model, tasks, encoded data, ...)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
-    tasks = get_tasks(getattr(trainer, "tasks", None) or list(cfg.order.tasks))
+    tasks = run_tasks(cfg, trainer)
+    (run_dir / RUN_FILE).write_text(json.dumps({"tasks": [t.name for t in tasks]}) + "\n")
     method = build_method(cfg)
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
     device = resolve_device(cfg.device)
     model = build_model(cfg, tasks, method).to(device)
-    counts = param_counts(model)
-    log.info("parameters: %d trainable of %d (%.3f%%)", counts["params/trainable"],
-             counts["params/total"], counts["params/updated_pct"])
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
                      cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
                      generator, method, cfg.optim.state_bits)
-    logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir)
+    return trainer, logger, ctx
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Trains and evaluates one configuration; returns dev/overall (the sweep objective)."""
+    trainer, logger, ctx = setup(cfg, run_dir)
+    counts = param_counts(ctx.model)
+    log.info("parameters: %d trainable of %d (%.3f%%)", counts["params/trainable"],
+             counts["params/total"], counts["params/updated_pct"])
+    logger.start(OmegaConf.to_container(cfg, resolve=True), ctx.run_dir)
     ok = False
     try:
         logger.log(counts, step=0)
-        with PeakMemory(device) as peak:
-            trainer.fit(ctx)
-        counts = ctx.param_counts or counts  # experts: every expert's tensors count
-        metrics = finish(ctx, {**counts, **memory_metrics(model, ctx.optimizer, peak.bytes)})
+        with PeakMemory(ctx.device) as peak:
+            result = trainer.fit(ctx)
+        ctx.weights = result.weights
+        counts = result.param_counts or counts  # experts: every expert's tensors count
+        metrics = finish(ctx, {**counts, **memory_metrics(ctx.model, ctx.optimizer, peak.bytes)})
         logger.summary(metrics)
         ok = True
     finally:
         logger.finish(ok)
     return metrics["dev/overall"]
+
+
+@dataclass
+class SavedRun:
+    """A finished run rebuilt: its config, tasks, PEFT method, model (the run's weights loaded)
+    and `weights(task)`, the context in which the model holds that task's weights."""
+
+    run_dir: Path
+    cfg: DictConfig
+    tasks: list[Task]
+    method: PeftMethod
+    model: MultitaskModel
+    weights: TaskWeights
+
+
+def saved_tasks(run_dir: Path, cfg: DictConfig, trainer) -> list[Task]:
+    """The task list a run saved in `run.json` (runs made before it existed: from the config)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return run_tasks(cfg, trainer)
+    try:
+        return get_tasks(json.loads(path.read_text())["tasks"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); it should hold "
+                              '{"tasks": [...]}, the tasks the run trained') from e
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> SavedRun:
+    """Rebuilds a finished run from its folder: the saved config and task list, the model built as
+    the run built it, and the weights its strategy saved (adapter file, experts or a merge)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    trainer = build(cfg.trainer, "trainer")
+    tasks = saved_tasks(run_dir, cfg, trainer)
+    seed_everything(cfg.seed)  # frozen random tensors come out as the run drew them
+    method = build_method(cfg)
+    model = build_model(cfg, tasks, method).to(resolve_device(device)).eval()
+    weights = trainer.load_weights(model, run_dir, [t.name for t in tasks])
+    return SavedRun(run_dir, cfg, tasks, method, model, weights)
 
 
 def finish(ctx: RunContext, counts: dict) -> dict:

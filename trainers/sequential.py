@@ -9,14 +9,16 @@ from typing import Callable
 
 from minbert.errors import ConfigError
 from tasks import TASKS
-from trainers.loop import (ADAPTER_FILE, BestCheckpoint, RunContext, append_history, evaluate,
-                           train_task_epoch)
+from trainers.loop import (ADAPTER_FILE, BestCheckpoint, FitResult, RunContext, append_history,
+                           evaluate, saved_weights, train_task_epoch)
 from trainers.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
 
 class SequentialTrainer:
+    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.run.load_run)
+
     def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
                  max_grad_norm: float | None = None):
         if epochs < 1:
@@ -24,7 +26,7 @@ class SequentialTrainer:
         self.optimizer, self.epochs, self.head_lr = optimizer, epochs, head_lr
         self.max_grad_norm = max_grad_norm
 
-    def fit(self, ctx: RunContext) -> dict[str, float]:
+    def fit(self, ctx: RunContext) -> FitResult:
         optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
                                     ctx.state_bits)
         ctx.optimizer = optimizer  # for the run's memory accounting
@@ -41,7 +43,7 @@ class SequentialTrainer:
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                      " (best so far)" if improved else "")
         best.restore(ctx.model)
-        return {"best_epoch": best.epoch, "dev/overall": best.score}
+        return FitResult(best.epoch, best.score)
 
 
 class SingleTaskTrainer(SequentialTrainer):

@@ -93,7 +93,10 @@ def export_peft(encoder: nn.Module, method: Lora, out_dir: str | Path,
         raise CheckpointError(f"peft export supports lora, lora_fa and dora, not "
                               f"{getattr(method, 'name', type(method).__name__)}")
     if any(m.merged for m in layers.values()):
-        raise CheckpointError("unmerge the adapters before exporting them")
+        raise CheckpointError("the adapter layers are merged (with their own update, or with a "
+                              "merge of experts as trainer=fedavg and orthoada make, whose ΔW is "
+                              "full-rank): peft's LoRA format holds only unmerged low-rank "
+                              "factors; unmerge them, or export the experts of an eoe run")
     state = {_peft_name(n, set(layers)): t.cpu().contiguous()
              for n, t in adapter_state_dict(encoder).items()}
     out = Path(out_dir)

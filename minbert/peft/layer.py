@@ -91,6 +91,9 @@ class AdapterLinear(nn.Module, ABC):
     bit for bit (no drift from repeated merge-for-eval cycles). A merged layer is a plain Linear."""
 
     adapter_names: tuple[str, ...] = ()
+    # The adapter tensors ΔW is made of (None: all of `adapter_names`). A merge of experts forms ΔW
+    # from these, and merges any other tensor of the layer as a task vector (`trainers.experts`).
+    delta_names: tuple[str, ...] | None = None
 
     def __init__(self, base: nn.Linear, dropout: float = 0.0):
         super().__init__()
