@@ -6,7 +6,9 @@
     python train.py debug=smoke                       # seconds-long end-to-end check
     python train.py -m experiment=table2 scale=cpu    # a report table's grid (make_tables.py)
 
-Each run writes metrics.json, history.jsonl, adapter.safetensors and predictions/ to its run dir.
+Each run writes run.json (its tasks), history.jsonl, predictions/ and, last, metrics.json to its
+run dir, with its best weights: adapter.safetensors for the one-model strategies (sequential,
+single, interleaved), experts/ (and merged.safetensors) for eoe, fedavg and orthoada.
 In a multirun a failed job writes error.txt instead, the other jobs go on, and the command exits
 non-zero once all are done, listing the failures.
 """

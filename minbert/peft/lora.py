@@ -6,7 +6,7 @@ Each targeted Linear keeps its pretrained weight W0 frozen and learns a low-rank
 
 so the model is unchanged at initialisation. rsLoRA (Kalajdzievski, 2023) scales by alpha / √r
 instead. Initialisation, scaling and dropout (on the adapter's input only) follow peft's
-`LoraConfig`, so an adapter exported by `minbert.peft.export` loads into `peft` unchanged.
+`LoraConfig`, so an adapter exported by `minbert.peft.io.export_peft` loads into `peft` unchanged.
 """
 from __future__ import annotations
 
