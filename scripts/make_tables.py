@@ -1,14 +1,19 @@
-"""The report's Tables 1–3 and Figure 2 from folders of Hydra runs.
+"""The report's Tables 1–3 and Figure 2 from folders of Hydra runs, optionally beside the report's
+own numbers.
 
     python scripts/make_tables.py outputs/multirun/<date>/<time>       # every table with runs
     python scripts/make_tables.py <sweep> <another sweep> --table 2 3 --out report/tables
+    python scripts/make_tables.py <table3 sweep> --reference report    # ours beside the report's
 
 A run is any folder below the given ones with `.hydra/config.yaml`; its `experiment_name` (or, for
 an ad-hoc run, its trainer and PEFT method) says which table it belongs to, the rest of its config
 which row and column. Finished runs have `metrics.json`; a cell is the mean ± sample std over its
 runs (seeds). Each table is printed as Markdown and written as `table{N}.md`, `.csv` and `.tex`
-into --out (default: `<first folder>/tables`), with `figure2.png` from Table 1's runs. A missing,
-failed (`error.txt`) or unfinished run leaves a gap, and a note under the table names it.
+into --out (default: `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as
+`figure2.md/csv/tex` and `figure2.png`. A missing, failed (`error.txt`) or unfinished run leaves a
+gap, and a note under the table names it. `--reference report` prints, under each table, the
+report's published dev numbers (bert-base, 10 epochs) beside ours, cell for cell, with the
+difference, and writes it as `<table>-vs-report.md`; `--reference FILE.csv` uses other numbers.
 """
 from __future__ import annotations
 
@@ -19,8 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from report_tables import (NoRunsError, build_tables, collect_runs, figure2,  # noqa: E402
-                           markdown, table_of, write_table)
+from report_tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, beside,  # noqa: E402
+                           build_tables, collect_runs, figure2, load_reference, markdown,
+                           table_of, write_table)
+
+
+def table_name(value: str) -> str:
+    """`2` or `table2` -> `table2`; `figure2` stays."""
+    name = f"table{value}" if value.isdigit() else value
+    if name not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"{value!r}: use 1, 2, 3 or figure2")
+    return name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -29,21 +43,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="sweep or run folders, searched recursively for .hydra/config.yaml")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the tables (default: <first DIR>/tables)")
-    parser.add_argument("--table", type=int, choices=(1, 2, 3), nargs="+", action="extend",
-                        help="only these tables (default: every table with runs)")
+    parser.add_argument("--table", type=table_name, nargs="+", action="extend",
+                        help="only these tables: 1, 2, 3, figure2 (default: every one with runs)")
+    parser.add_argument("--reference", metavar="NAME|CSV",
+                        help=f"print published numbers beside ours: {', '.join(REFERENCES)} "
+                             "(the report's), or a CSV of the same columns")
     return parser.parse_args(argv)
 
 
-def _names(numbers: Sequence[int]) -> str:
-    return ("Table " if len(numbers) == 1 else "Tables ") + ", ".join(map(str, numbers))
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(n.replace("table", "Table ").replace("figure", "Figure ") for n in names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     folders = ", ".join(str(d) for d in args.dirs)
     try:
+        reference = load_reference(args.reference) if args.reference else None
         runs, warnings = collect_runs(args.dirs)
-    except NoRunsError as e:
+    except (NoRunsError, ReferenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for warning in warnings:
@@ -51,20 +69,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         print(f"error: no readable run under {folders}", file=sys.stderr)
         return 2
-    wanted = sorted(set(args.table or (1, 2, 3)))
+    wanted = args.table or list(LAYOUTS)
     tables = build_tables(runs, wanted)
     if not tables:
-        found = sorted({table_of(run) for run in runs})
-        print(f"error: no runs for {_names(wanted)} under {folders} (its runs are for "
-              f"{_names(found)})", file=sys.stderr)
+        found = [n for n in LAYOUTS if n in {table_of(run) for run in runs}]
+        print(f"error: no runs for {_names([n for n in LAYOUTS if n in wanted])} under "
+              f"{folders} (its runs are for {_names(found)})", file=sys.stderr)
         return 2
     out_dir = args.out or args.dirs[0] / "tables"
     written: list[Path] = []
     for table in tables:
         print(markdown(table))
         written += write_table(table, out_dir)
-        if table.layout.number == 1:
+        if table.layout.name == "figure2":
             written.append(figure2(table, out_dir / "figure2.png"))
+        side = beside(table, reference) if reference else None
+        if side:
+            print(side)
+            path = out_dir / f"{table.layout.name}-vs-{Path(reference.name).stem}.md"
+            path.write_text(side, encoding="utf-8")
+            written.append(path)
     print(f"wrote {', '.join(p.name for p in written)} to {out_dir}", file=sys.stderr)
     return 0
 

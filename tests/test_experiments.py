@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+# The sweep extra's plugins, imported so that a missing one fails here instead of skipping.
+import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+import hydra_plugins.hydra_optuna_sweeper  # noqa: F401
+import hydra_plugins.hydra_submitit_launcher  # noqa: F401
 from conftest import REPO, compose_config, finished_runs, options, train_cli
 
 ORDERS = ["sst-para-sts", "sst-sts-para", "para-sst-sts", "para-sts-sst", "sts-sst-para",
@@ -25,12 +29,25 @@ def test_groups_of_the_experiments(compose_cfg):
     assert options("hydra/launcher") == ["local", "parallel", "slurm"]
 
 
-def test_table1_is_full_finetuning_over_designs_and_orders(compose_cfg):
-    assert sweep_params("table1") == {"heads": ["concat", "separate", "joint"], "order": ORDERS}
-    assert sweep_params("figure2") == sweep_params("table1")
-    cfg = compose_cfg(["experiment=table1", "heads=joint", "order=sts-para-sst"])
+def test_table1_is_the_submitted_full_finetuning_model(compose_cfg):
+    """Table 1 is one run: full fine-tuning, sequential, the joint encoding the report chose."""
+    assert not compose_config(["experiment=table1"], hydra=True).hydra.sweeper.params
+    cfg = compose_cfg(["experiment=table1"])
     assert cfg.peft._target_.endswith("FullFinetune") and cfg.heads.design == "joint"
     assert cfg.trainer._target_.endswith(".SequentialTrainer") and cfg.experiment_name == "table1"
+
+
+def test_figure2_is_full_finetuning_over_designs_and_orders(compose_cfg):
+    assert sweep_params("figure2") == {"heads": ["concat", "separate", "joint"], "order": ORDERS}
+    cfg = compose_cfg(["experiment=figure2", "heads=concat", "order=sts-para-sst"])
+    assert cfg.peft._target_.endswith("FullFinetune") and cfg.heads.design == "concat"
+    assert cfg.trainer._target_.endswith(".SequentialTrainer") and cfg.experiment_name == "figure2"
+
+
+@pytest.mark.parametrize("experiment", ["table2", "table3"])
+def test_peft_tables_use_the_joint_encoding_the_report_chose(compose_cfg, experiment):
+    assert compose_cfg([f"experiment={experiment}"]).heads.design == "joint"
+    assert compose_cfg([f"experiment={experiment}", "heads=separate"]).heads.design == "separate"
 
 
 TABLE2_ROWS = {  # row -> (method, rank, targets, bias): the report's Table 2
@@ -82,7 +99,6 @@ def test_scale_sets_size_whatever_the_experiment(compose_cfg, scale, model, epoc
 
 @pytest.mark.parametrize("sweep,method", [("optuna_lora", "Lora"), ("optuna_dora", "Dora")])
 def test_optuna_sweeps_search_lr_rank_alpha_dropout(sweep, method):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cfg = compose_config([f"sweep={sweep}"], hydra=True)
     assert cfg.peft._target_.endswith("." + method)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
@@ -94,14 +110,13 @@ def test_optuna_sweeps_search_lr_rank_alpha_dropout(sweep, method):
                                              ("local", "LocalLauncher"),
                                              ("slurm", "SlurmLauncher")])
 def test_launcher_configs_compose(launcher, target):
-    pytest.importorskip(f"hydra_plugins.hydra_{'joblib' if launcher == 'parallel' else 'submitit'}"
-                        "_launcher")
     cfg = compose_config([f"hydra/launcher={launcher}"], hydra=True)
     assert cfg.hydra.launcher._target_.endswith("." + target)
 
 
-@pytest.mark.slow  # about a minute: 18 + 24 + 9 smoke runs
-@pytest.mark.parametrize("experiment,runs", [("table1", 18), ("table2", 24), ("table3", 9)])
+@pytest.mark.slow  # about a minute: 1 + 18 + 24 + 9 smoke runs
+@pytest.mark.parametrize("experiment,runs", [("table1", 1), ("figure2", 18), ("table2", 24),
+                                             ("table3", 9)])
 def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, experiment, runs):
     sweep = tmp_path / "sweep"
     train_cli("-m", f"experiment={experiment}", "scale=smoke",

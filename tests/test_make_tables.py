@@ -80,12 +80,17 @@ def _table2_runs(root: Path) -> None:
 
 
 def _table1_runs(root: Path) -> None:
-    concat = compose_config(["experiment=table1", "heads=concat", "order=sst-para-sts"])
+    write_run(root / "t1" / "9", compose_config(["experiment=table1"]), 1,
+              multi(0.50, 0.88, 0.85, 0.7683))
+
+
+def _figure2_runs(root: Path) -> None:
+    concat = compose_config(["experiment=figure2", "heads=concat", "order=sst-para-sts"])
     write_run(root / "t1" / "0", concat, 1, multi(0.50, 0.70, 0.60, 0.66))
     write_run(root / "t1" / "1", concat, 2, multi(0.54, 0.72, 0.64, 0.68))
-    joint = compose_config(["experiment=table1", "heads=joint", "order=sts-para-sst"])
+    joint = compose_config(["experiment=figure2", "heads=joint", "order=sts-para-sst"])
     write_run(root / "t1" / "2", joint, 1, multi(0.45, 0.65, 0.55, 0.60))
-    separate = compose_config(["experiment=table1", "heads=separate", "order=para-sst-sts"])
+    separate = compose_config(["experiment=figure2", "heads=separate", "order=para-sst-sts"])
     write_run(root / "t1" / "3", separate, 1)  # still running: no metrics.json, no error.txt
 
 
@@ -106,6 +111,7 @@ def sweep(cli, tmp_path_factory) -> tuple[Path, int, str, str]:
     """The sweep folder, and main's exit code, stdout and stderr on it."""
     root = tmp_path_factory.mktemp("sweep")
     _table1_runs(root)
+    _figure2_runs(root)
     _table2_runs(root)
     _table3_runs(root)
     broken = root / "broken" / ".hydra"
@@ -139,9 +145,18 @@ def test_table2_cells_gaps_and_notes(sweep):
     assert f"warning: skipped {root / 'broken'}: unreadable .hydra/config.yaml" in err
 
 
-def test_table1_and_incomplete_run(sweep):
+def test_table1_is_the_submitted_model(sweep):
+    _, _, out, _ = sweep
+    assert ("**Table 1: full fine-tuning, the submitted model (dev)**\n\n"
+            "| Model | SST acc | Para acc | STS corr | Overall | Parameters updated |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: |\n"
+            "| Full fine-tuning (joint encoding, sst → para → sts) | 0.500 | 0.880 | 0.850 "
+            "| 0.768 | 100.00 % |\n") in out
+
+
+def test_figure2_grid_and_incomplete_run(sweep):
     root, _, out, _ = sweep
-    assert "**Table 1: full fine-tuning, sequential training (dev)**" in out
+    assert "**Figure 2: full fine-tuning by head design and task order (dev)**" in out
     assert ("| Design | Task order | SST acc | Para acc | STS corr | Overall |\n"
             "| --- | --- | ---: | ---: | ---: | ---: |\n"
             "| Concatenation | sst → para → sts | 0.520 ± 0.028 | 0.710 ± 0.014 | 0.620 ± 0.028 "
@@ -152,9 +167,9 @@ def test_table1_and_incomplete_run(sweep):
     assert (f"- Projection + aggregation, para → sst → sts (seed 1): incomplete in "
             f"`{root / 't1' / '3'}`: no metrics.json (still running or killed)\n") in out
     assert "- Joint encoding, sts → sst → para: missing (no run)\n" in out
-    table1 = out.split("**Table 1")[1].split("**Table 2")[0]
-    assert table1.count("\n| ") == 2 + 18  # header, rule and the 3 designs x 6 orders
-    assert "- mean ± std (sample, ddof=1) over 1–2 seeds" in table1
+    grid = out.split("**Figure 2")[1]
+    assert grid.count("\n| ") == 2 + 18  # header, rule and the 3 designs x 6 orders
+    assert "- mean ± std (sample, ddof=1) over 1–2 seeds" in grid
 
 
 def test_table3_rows_and_mixed_peft_note(sweep):
@@ -175,10 +190,11 @@ def test_written_files(sweep):
     root, _, out, _ = sweep
     tables = root / "tables"
     assert sorted(p.name for p in tables.iterdir()) == [
-        "figure2.png", "table1.csv", "table1.md", "table1.tex", "table2.csv", "table2.md",
-        "table2.tex", "table3.csv", "table3.md", "table3.tex"]
-    for number in (1, 2, 3):
-        md = (tables / f"table{number}.md").read_text(encoding="utf-8")
+        "figure2.csv", "figure2.md", "figure2.png", "figure2.tex", "table1.csv", "table1.md",
+        "table1.tex", "table2.csv", "table2.md", "table2.tex", "table3.csv", "table3.md",
+        "table3.tex"]
+    for name in ("table1", "table2", "table3", "figure2"):
+        md = (tables / f"{name}.md").read_text(encoding="utf-8")
         assert md in out
     with open(tables / "table2.csv", newline="", encoding="utf-8") as f:
         rows = {(r["method"], r["rank"]): r for r in csv.DictReader(f)}
@@ -190,7 +206,7 @@ def test_written_files(sweep):
     assert (r2["sst_acc"], r2["para_acc"], r2["sts_corr"]) == ("0.400", "—", "—")
     assert (r2["para_n_seeds"], r2["sts_n_seeds"]) == ("0", "0")
     assert len(rows) == 9
-    with open(tables / "table1.csv", newline="", encoding="utf-8") as f:
+    with open(tables / "figure2.csv", newline="", encoding="utf-8") as f:
         first = next(csv.DictReader(f))
     assert first["design"] == "Concatenation" and first["n_seeds"] == "2"
     assert (first["overall"], first["overall_std"]) == ("0.670", "0.014")
@@ -212,15 +228,16 @@ def test_figure2_is_a_png(sweep):
 
 
 def test_table_of_infers_ad_hoc_runs(cli, tmp_path):
-    for overrides, number in ((["trainer=single"], 2), ([], 1), (["trainer=eoe"], 3),
-                              (["experiment=table3", "table3=seq-para-sst-sts"], 3)):
+    for overrides, number in ((["trainer=single"], "table2"), ([], "table1"),
+                              (["trainer=eoe"], "table3"), (["experiment=figure2"], "figure2"),
+                              (["experiment=table3", "table3=seq-para-sst-sts"], "table3")):
         run = write_run(tmp_path / str(len(list(tmp_path.iterdir()))),
                         compose_config(overrides), 0, multi(0.5, 0.5, 0.5, 0.5))
         assert cli.table_of(cli.collect_runs([run])[0][0]) == number
 
 
 def test_mixed_models_and_repeated_seeds_are_noted(cli, tmp_path, capsys):
-    cfg = compose_config(["experiment=table1"])
+    cfg = compose_config(["experiment=figure2"])
     write_run(tmp_path / "a", cfg, 1, multi(0.5, 0.5, 0.5, 0.5))
     OmegaConf.update(cfg, "model.name", "tiny")
     write_run(tmp_path / "b", cfg, 1, multi(0.7, 0.5, 0.5, 0.6))  # the same seed again
@@ -244,7 +261,7 @@ def test_empty_folder_and_missing_table(cli, tmp_path, capsys):
     write_run(tmp_path / "run", compose_config(["experiment=table1"]), 1,
               multi(0.5, 0.5, 0.5, 0.5))
     assert cli.main([str(tmp_path), "--table", "2", "3"]) == 2
-    assert "error: no runs for Tables 2, 3 under" in capsys.readouterr().err
+    assert "error: no runs for Table 2, Table 3 under" in capsys.readouterr().err
 
 
 def test_cli_subprocess(sweep, tmp_path):
@@ -256,3 +273,50 @@ def test_cli_subprocess(sweep, tmp_path):
     assert result.stdout.startswith("**Table 3: multi-task strategies (dev)**\n")
     assert "**Table 1" not in result.stdout
     assert sorted(p.name for p in out_dir.iterdir()) == ["table3.csv", "table3.md", "table3.tex"]
+
+
+def test_reference_report_beside_ours(cli, sweep, tmp_path, capsys):
+    """`--reference report`: the report's published numbers beside ours, cell for cell, with the
+    difference; rows the report has no number for are named."""
+    assert cli.main([str(sweep[0]), "--out", str(tmp_path), "--reference", "report"]) == 0
+    out = capsys.readouterr().out
+    table3 = out.split("**Table 3 beside the report: ours / theirs (Δ = ours − theirs)**")[1]
+    assert ("| Sequential (sst → para → sts) | 7.50 % / 8.91 % (-1.41) | 0.510 / 0.473 (+0.037) "
+            "| 0.750 / 0.882 (-0.132) | 0.700 / 0.826 (-0.126) | 0.700 / 0.756 (-0.056) |") in table3
+    assert ("| FedAvg | 22.61 % / 8.91 % (+13.70) | 0.320 ± 0.028 / 0.324 (-0.004) "
+            "| 0.610 ± 0.014 / 0.637 (-0.027) | 0.220 ± 0.028 / 0.592 (-0.372) "
+            "| 0.420 ± 0.028 / 0.586 (-0.166) |") in table3
+    assert "| OrthoAda | — / 8.91 % | — / 0.233 |" in table3  # failed: only theirs
+    assert "- not in the report: Interleaved (temperature)" in table3
+    assert "bert-base-uncased" in table3  # what the report's numbers are
+    table2 = out.split("**Table 2 beside the report")[1].split("**Table 3")[0]
+    assert ("| LoRA (query & value & key) | 4 | 4.16–4.17 % / 0.20 % (+3.96) "
+            "| 0.520 ± 0.028 / 0.425 (+0.095) | 0.800 / 0.848 (-0.048) "
+            "| 0.700 / 0.699 (+0.001) |") in table2
+    table1 = out.split("**Table 1 beside the report")[1].split("**Table 2")[0]
+    assert ("| Full fine-tuning (joint encoding, sst → para → sts) | 0.500 / 0.519 (-0.019) "
+            "| 0.880 / 0.897 (-0.017) | 0.850 / 0.864 (-0.014) | 0.768 / 0.783 (-0.015) "
+            "| 100.00 % / 100.00 % (+0.00) |") in table1
+    assert "**Figure 2 beside" not in out  # the report publishes no numbers for it
+    assert (tmp_path / "table3-vs-report.md").read_text(encoding="utf-8") in out
+
+
+def test_reference_errors(cli, sweep, tmp_path, capsys):
+    assert cli.main([str(sweep[0]), "--reference", "nowhere"]) == 2
+    assert "error: no reference 'nowhere': use one of ['report']" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("table,row,sst_acc\ntable1,full-ft,high\n")
+    assert cli.main([str(sweep[0]), "--reference", str(bad)]) == 2
+    assert f"error: {bad}, row 2: could not convert string to float" in capsys.readouterr().err
+
+
+def test_shipped_reference_is_the_reports_numbers(cli):
+    """The shipped copy holds the report's 18 cells (Tables 1-3), e.g. its Table 1 row."""
+    from report_tables import load_reference
+
+    ref = load_reference("report")
+    assert len(ref.rows) == 18
+    assert ref.rows[("table1", "full-ft")] == {"sst_acc": 0.519, "para_acc": 0.897,
+                                               "sts_corr": 0.864, "overall": 0.783,
+                                               "params_updated_pct": 100.0}
+    assert ref.rows[("table3", "eoe")]["params_updated_pct"] == 22.8

@@ -1,10 +1,13 @@
 """Tables 1–3 and Figure 2 of the report from a folder of Hydra runs: `collect` finds and reads
 the runs, `layouts` places them in each table's rows and columns, `render` writes Markdown, CSV
-and LaTeX, `figure` draws Figure 2. `scripts/make_tables.py` is the command line."""
+and LaTeX, `figure` draws Figure 2, `reference` prints the report's numbers beside ours.
+`scripts/make_tables.py` is the command line."""
 from .collect import NoRunsError, Run, collect_runs, table_of
 from .figure import figure2
 from .layouts import LAYOUTS, Table, build_tables
+from .reference import REFERENCES, ReferenceError, beside, load_reference
 from .render import csv_text, latex, markdown, write_table
 
-__all__ = ["LAYOUTS", "NoRunsError", "Run", "Table", "build_tables", "collect_runs", "csv_text",
-           "figure2", "latex", "markdown", "table_of", "write_table"]
+__all__ = ["LAYOUTS", "NoRunsError", "REFERENCES", "ReferenceError", "Run", "Table", "beside",
+           "build_tables", "collect_runs", "csv_text", "figure2", "latex", "load_reference",
+           "markdown", "table_of", "write_table"]

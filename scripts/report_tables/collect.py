@@ -59,23 +59,24 @@ class Run:
         return str(self.get("seed", "?"))
 
 
-def declared_table(run: Run) -> int | None:
+def declared_table(run: Run) -> str | None:
     """The report table a run's `experiment_name` names (a sweep of `experiment=tableN`), if any."""
-    return {"table1": 1, "figure2": 1, "table2": 2, "table3": 3}.get(
-        str(run.get("experiment_name", "")))
+    name = str(run.get("experiment_name", ""))
+    return name if name in ("table1", "table2", "table3", "figure2") else None
 
 
-def table_of(run: Run) -> int:
-    """The report table a run belongs to: its `experiment_name`, else inferred from its config."""
+def table_of(run: Run) -> str:
+    """The report table a run belongs to: its `experiment_name`, else inferred from its config
+    (full fine-tuning, sequential: Table 1's model; one task: Table 2; the rest: Table 3)."""
     declared = declared_table(run)
     if declared is not None:
         return declared
     trainer, peft = run.target("trainer"), run.target("peft")
     if trainer == "SingleTaskTrainer":
-        return 2
+        return "table2"
     if peft == "FullFinetune" and trainer == "SequentialTrainer":
-        return 1
-    return 3
+        return "table1"
+    return "table3"
 
 
 def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:

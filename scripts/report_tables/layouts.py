@@ -1,7 +1,11 @@
 """The report's table layouts (which run goes in which row and column, display names, canonical row
-order) and building a table from runs: each cell is the mean and sample std over its runs (one a
-seed), with notes naming every missing or failed cell and settings the runs should share but don't.
-"""
+order, the report's row each row is compared with) and building a table from runs: each cell is
+the mean and sample std over its runs (one a seed), with notes naming every missing or failed cell
+and settings the runs should share but don't.
+
+Table 1 is the full fine-tuning model the report submitted (one row: joint encoding, the default
+order); Figure 2's grid (head design × task order, full fine-tuning) is a layout of its own, drawn
+as `figure2.png` and written as `figure2.md/csv/tex`."""
 from __future__ import annotations
 
 import statistics
@@ -34,7 +38,7 @@ class Column:
 class Layout:
     """Where each run goes in one table. A row holds one run per seed in each of its `slots`."""
 
-    number: int
+    name: str  # table1 | table2 | table3 | figure2: the file stem and the --table choice
     title: str
     label_keys: tuple[str, ...]
     label_titles: tuple[str, ...]
@@ -46,6 +50,7 @@ class Layout:
     slot_of: Callable[[Run], str]
     slots: tuple[str, ...] = ("",)
     shared: tuple[tuple[str, Callable[[Run], str]], ...] = ()
+    reference_row: Callable[[RowKey], str | None] = lambda key: None  # the report's `row`
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,19 @@ PARAMS = Column("params_updated_pct", "Parameters updated", "params/updated_pct"
 OVERALL = Column("overall", "Overall", "dev/overall")
 
 TABLE1 = Layout(
-    number=1, title="Table 1: full fine-tuning, sequential training (dev)",
+    name="table1", title="Table 1: full fine-tuning, the submitted model (dev)",
+    label_keys=("model",), label_titles=("Model",),
+    columns=(*_score_columns(False), OVERALL, PARAMS),
+    canonical=(("joint", "sst-para-sts"),),
+    row_of=lambda run: (_design(run), order_name(run)),
+    labels=lambda key: (f"Full fine-tuning ({DESIGNS.get(key[0], key[0]).lower()}, "
+                        f"{order_label(key[1])})",),
+    describe=lambda key: f"Full fine-tuning, {DESIGNS.get(key[0], key[0])}, {order_label(key[1])}",
+    slot_of=_one_slot, shared=(("models", _model), ("PEFT configs", describe_peft)),
+    reference_row=lambda key: "full-ft")
+
+FIGURE2 = Layout(
+    name="figure2", title="Figure 2: full fine-tuning by head design and task order (dev)",
     label_keys=("design", "order"), label_titles=("Design", "Task order"),
     columns=(*_score_columns(False), OVERALL),
     canonical=tuple((d, o) for d in DESIGNS for o in ORDERS),
@@ -164,8 +181,16 @@ def _table2_method(key: RowKey) -> str:
     return f"{method} ({', '.join(details)})" if details else method
 
 
+def _table2_reference(key: RowKey) -> str | None:
+    method, targets, bias, rank = key
+    short = {"attn_qkv": "qkv", "all_linear": "all"}.get(targets)
+    if method not in ("Lora", "Dora") or short is None:
+        return None
+    return f"{method.lower()}-{short}{'-bias' if bias == 'all' else ''}-r{rank}"
+
+
 TABLE2 = Layout(
-    number=2, title="Table 2: single-task PEFT (dev)",
+    name="table2", title="Table 2: single-task PEFT (dev)",
     label_keys=("method", "rank"), label_titles=("Method", "Rank"),
     columns=(PARAMS, *_score_columns(True)),
     canonical=tuple(TABLE2_ROWS),
@@ -173,7 +198,7 @@ TABLE2 = Layout(
     labels=lambda key: (_table2_method(key), key[3]),
     describe=lambda key: f"{_table2_method(key)} r={key[3]}" if key[3] else _table2_method(key),
     slot_of=lambda run: str(run.get("trainer.task", "")), slots=("sst", "para", "sts"),
-    shared=(("models", _model), ("head designs", _design)))
+    shared=(("models", _model), ("head designs", _design)), reference_row=_table2_reference)
 
 
 def _table3_row(run: Run) -> RowKey:
@@ -201,17 +226,23 @@ def _table3_label(key: RowKey) -> str:
     return f"{name} ({detail})" if detail else name
 
 
+def _table3_reference(key: RowKey) -> str | None:
+    fixed = {("eoe", ""): "eoe", ("merged", "linear"): "fedavg", ("orthoada", ""): "orthoada"}
+    return f"seq-{key[1]}" if key[0] == "sequential" else fixed.get(key)
+
+
 TABLE3 = Layout(
-    number=3, title="Table 3: multi-task strategies (dev)",
+    name="table3", title="Table 3: multi-task strategies (dev)",
     label_keys=("strategy",), label_titles=("Strategy",),
     columns=(PARAMS, *_score_columns(False), OVERALL),
     canonical=(*(("sequential", o) for o in ORDERS), ("eoe", ""), ("merged", "linear"),
                ("orthoada", "")),
     row_of=_table3_row, labels=lambda key: (_table3_label(key),), describe=_table3_label,
     slot_of=_one_slot,
-    shared=(("models", _model), ("PEFT configs", describe_peft), ("head designs", _design)))
+    shared=(("models", _model), ("PEFT configs", describe_peft), ("head designs", _design)),
+    reference_row=_table3_reference)
 
-LAYOUTS = {layout.number: layout for layout in (TABLE1, TABLE2, TABLE3)}
+LAYOUTS = {layout.name: layout for layout in (TABLE1, TABLE2, TABLE3, FIGURE2)}
 
 Groups = dict[RowKey, dict[str, list[Run]]]
 
@@ -286,15 +317,15 @@ def build_table(layout: Layout, runs: list[Run], full_grid: bool) -> Table:
     return Table(layout, rows, notes + left_out + _shared_notes(layout, runs))
 
 
-def build_tables(runs: Iterable[Run], numbers: Iterable[int] = (1, 2, 3)) -> list[Table]:
-    """The tables among `numbers` that have runs, in order."""
-    by_table: dict[int, list[Run]] = defaultdict(list)
+def build_tables(runs: Iterable[Run], names: Iterable[str] = tuple(LAYOUTS)) -> list[Table]:
+    """The tables among `names` (keys of LAYOUTS) that have runs, in LAYOUTS' order."""
+    by_table: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_table[table_of(run)].append(run)
     tables = []
-    for number in sorted(set(numbers)):
-        table_runs = by_table.get(number, [])
+    for name in (n for n in LAYOUTS if n in set(names)):
+        table_runs = by_table.get(name, [])
         if table_runs:
-            full_grid = any(declared_table(run) == number for run in table_runs)
-            tables.append(build_table(LAYOUTS[number], table_runs, full_grid))
+            full_grid = any(declared_table(run) == name for run in table_runs)
+            tables.append(build_table(LAYOUTS[name], table_runs, full_grid))
     return tables

@@ -52,7 +52,7 @@ def seed_note(table: Table) -> str | None:
     if len(counts) == 1:
         return f"mean ± std (sample, ddof=1) over {counts[0]} seeds"
     return (f"mean ± std (sample, ddof=1) over {counts[0]}–{counts[-1]} seeds "
-            f"(the n of each cell is in table{table.layout.number}.csv)")
+            f"(the n of each cell is in {table.layout.name}.csv)")
 
 
 def notes(table: Table) -> list[str]:
@@ -129,9 +129,10 @@ def latex(table: Table) -> str:
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
-    """Writes `table{N}.md`, `.csv` and `.tex` into `out_dir`; returns their paths."""
+    """Writes `<name>.md`, `.csv` and `.tex` (table1, ..., figure2) into `out_dir`; returns their
+    paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"table{table.layout.number}"
+    stem = table.layout.name
     written = []
     for suffix, text in (("md", markdown(table)), ("csv", csv_text(table)),
                          ("tex", latex(table))):
