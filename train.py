@@ -5,22 +5,27 @@
     python train.py -m order=sst-para-sts,para-sts-sst trainer.epochs=1 data.limit_train=64
     python train.py debug=smoke                       # seconds-long end-to-end check
     python train.py -m experiment=table2 scale=cpu    # a report table's grid (make_tables.py)
+    python train.py debug=fast resume=outputs/runs/2026-12-02/10-00-00   # continue a killed run
 
 Each run writes run.json (its tasks), history.jsonl, predictions/ and, last, metrics.json to its
 run dir, with its best weights: adapter.safetensors for the one-model strategies (sequential,
 single, interleaved), experts/ (and merged.safetensors) for eoe, fedavg and orthoada.
 In a multirun a failed job writes error.txt instead, the other jobs go on, and the command exits
-non-zero once all are done, listing the failures.
+non-zero once all are done, listing the failures. A run checkpoints as it goes: `resume=<run dir>`
+continues one, and a multirun started again with the same hydra.sweep.dir skips the finished jobs
+and continues the unfinished ones.
 """
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from minbert.errors import MinbertError
+from minbert.errors import ConfigError, MinbertError
+from trainers.record import RUN_FILE
 from trainers.run import run
 from trainers.sweeps import FAILED_RUNS, label_run, record_failure
 
@@ -35,7 +40,7 @@ def main(cfg: DictConfig) -> float:
     label_run(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.sweep.dir if multirun else None,
               hydra_cfg.job.override_dirname)
     try:
-        return run(cfg, hydra_cfg.runtime.output_dir)
+        return run(cfg, run_dir(cfg, multirun, hydra_cfg.runtime.output_dir))
     except Exception as e:
         if multirun:  # one failed job must not stop (or lose) the others
             direction = hydra_cfg.sweeper.get("direction", "maximize")
@@ -45,6 +50,21 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)  # bad input: one clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def run_dir(cfg: DictConfig, multirun: bool, output_dir: str) -> str:
+    """Hydra's output dir, or the run dir that `resume=` names (its own Hydra files then go to the
+    new output dir, a record of this invocation)."""
+    if not cfg.get("resume"):
+        return output_dir
+    if multirun:
+        raise ConfigError("resume= continues one run; to continue a multirun, run it again with "
+                          "the same hydra.sweep.dir (finished jobs are skipped)")
+    if not (Path(cfg.resume) / RUN_FILE).is_file():
+        raise ConfigError(f"resume={cfg.resume}: no run there (no {RUN_FILE}); pass the folder of "
+                          "a run made by train.py")
+    log.info("resuming %s (this invocation's Hydra files: %s)", cfg.resume, output_dir)
+    return cfg.resume
 
 
 if __name__ == "__main__":

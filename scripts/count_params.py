@@ -25,7 +25,7 @@ from minbert.errors import MinbertError
 from minbert.model import BertConfig, BertModel
 from minbert.peft import param_counts
 from tasks import get_tasks
-from trainers.run import build_model
+from trainers.build import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

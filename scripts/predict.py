@@ -5,7 +5,7 @@
     python scripts/predict.py <run> --text "A gripping, beautifully shot film."
     python scripts/predict.py <run> --text "How do I learn Python?" "What is the best way to learn Python?"
 
-The run is rebuilt by `trainers.run.load_run` (its saved config, the tasks it trained and the
+The run is rebuilt by `trainers.record.load_run` (its saved config, the tasks it trained and the
 weights its strategy saved: one model, per-task experts or a merge). A file is any tab-separated
 CS224N-format file of one of the run's tasks (`id` and the task's sentence columns, labelled or
 not); its task is `--task`, else the one task whose columns the header has (SST: `sentence`;
@@ -29,8 +29,8 @@ from tasks import TASKS
 from tasks.base import Task
 from tasks.batching import EncodedSplit
 from tasks.data import Split, read_file
-from trainers.loop import RunContext, predict_task, write_predictions
-from trainers.run import SavedRun, load_run
+from trainers.evaluate import RunContext, predict_task, write_predictions
+from trainers.record import SavedRun, load_run
 
 SST_LABELS = ("negative", "somewhat negative", "neutral", "somewhat positive", "positive")
 

@@ -10,7 +10,7 @@ from minbert import BertModel
 from minbert.errors import CheckpointError, ConfigError
 from minbert.peft import PeftMethod, param_counts
 from tasks import get_tasks
-from trainers.run import build, build_model, resolve_device
+from trainers.build import build, build_model, resolve_device
 
 
 def test_groups_have_the_documented_choices():

@@ -18,7 +18,8 @@ from minbert.peft.layer import replace_module
 from minbert.peft.lora import Lora, LoraLinear
 from tasks import get_tasks
 from trainers.experts import encoder_state, merge_experts
-from trainers.run import build_model, run, setup
+from trainers.build import build_model
+from trainers.run import run, setup
 
 LAYER = "layers.0.attn.query"
 
@@ -146,7 +147,7 @@ def test_expert_counts_match_the_reports_three_lora_experts(compose_cfg):
     from minbert.peft.lora import Lora
     from tasks.model import MultitaskModel
     from trainers.experts import expert_counts
-    from trainers.run import build
+    from trainers.build import build
     cfg = compose_cfg(["model=bert-base"])
     with torch.device("meta"):
         encoder = Lora(rank=64, targets="all_linear").apply(BertModel(BertConfig()))

@@ -17,9 +17,9 @@ from minbert.checkpoint import minbert_to_hf_key
 from minbert.peft import param_counts
 from minbert.peft.io import load_adapter, read_metadata
 from tasks import get_tasks
-from trainers.loop import RunContext, predict
+from trainers.evaluate import RunContext, predict
 from tasks.data import load_task_data
-from trainers.run import build, build_method, build_model, encode_data
+from trainers.build import build, build_method, build_model, encode_data
 
 METHODS = ["lora", "lora_fa", "dora", "vera"]
 

@@ -69,7 +69,7 @@ class Recorder:
     def __init__(self):
         self.steps, self.summaries = [], []
 
-    def start(self, config, run_dir):
+    def start(self, config, run_dir, run_id=None):
         self.config = config
 
     def log(self, metrics, step):
@@ -109,7 +109,7 @@ def test_nan_loss_stops_with_a_clear_error(compose_cfg, synthetic_root, tmp_path
         run(cfg, tmp_path)
     msg = str(e.value)
     assert "loss became nan at epoch 1" in msg and "trainer.optimizer.lr" in msg
-    assert "no checkpoint yet" in msg
+    assert "no best state yet" in msg
 
 
 def test_nan_loss_after_an_epoch_keeps_the_best_state(compose_cfg, synthetic_root, tmp_path,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,10 +34,11 @@ from minbert.peft.io import method_metadata, save_state
 from minbert.peft.lora import LoraLinear
 from minbert.peft.merging import (MERGES, MergeError, check_merge_options, default_options,
                                    merge_deltas)
-from trainers.loop import (FitResult, RunContext, TaskWeights, append_history, evaluate,
-                           train_task_epoch)
-from trainers.optim import build_optimizer
+from tasks.base import Task
+from trainers.evaluate import RunContext, TaskWeights
+from trainers.loop import FitResult
 from trainers.sequential import SequentialTrainer
+from trainers.state import TrainState
 
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
@@ -115,49 +115,40 @@ def load_init(model, run_dir: Path) -> None:
 
 
 class ExpertTrainer(SequentialTrainer):
-    """Trains one expert per task (the shared part of eoe, fedavg and orthoada); takes the
-    sequential trainer's options (optimizer, epochs, head_lr, max_grad_norm)."""
+    """Trains one expert per task, each a phase of the shared loop (the shared part of eoe, fedavg
+    and orthoada); takes the sequential trainer's options (optimizer, epochs, head_lr,
+    max_grad_norm). Each expert starts from the same initial state; its best epoch is kept in
+    `experts/<task>.safetensors`."""
+
+    def phases(self, ctx: RunContext) -> list[list[Task]]:
+        return [[task] for task in ctx.tasks]
+
+    def start(self, ctx: RunContext) -> None:
+        self._start = {n: t.clone() for n, t in adapter_state_dict(ctx.model).items()}  # + heads
+        self._init = encoder_state(ctx.model)
+        save_state({n: t for n, t in self._init.items() if _is_adapter_tensor(ctx.model, n)},
+                   ctx.run_dir / EXPERTS_DIR / INIT_FILE, method_metadata(ctx.method))
 
     def prepare(self, ctx: RunContext, index: int) -> None:
         """Hook before expert `index` trains (OrthoAda sets its frozen block here)."""
 
-    def train_expert(self, ctx: RunContext, index: int) -> State:
-        task = ctx.tasks[index]
-        sub = replace(ctx, tasks=[task])
-        optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
-                                    ctx.state_bits)
-        ctx.optimizer, best, best_score = optimizer, None, float("-inf")
-        for epoch in range(1, self.epochs + 1):
-            loss = train_task_epoch(sub, task, optimizer, epoch, self.max_grad_norm)
-            metrics, _ = evaluate(sub, "dev")
-            if metrics["dev/overall"] > best_score:
-                best, best_score = expert_state(ctx.model, task.name), metrics["dev/overall"]
-            append_history(ctx.run_dir, {"expert": task.name, "epoch": epoch, "step": sub.step,
-                                         **metrics, f"{task.name}/train/loss": loss})
-            ctx.logger.log({**{f"expert/{k}": v for k, v in metrics.items()}, "epoch": epoch},
-                           step=sub.step)
-            log.info("expert %s, epoch %d/%d: %s", task.name, epoch, self.epochs,
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        ctx.step = sub.step
-        return best
+    def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
+        load_state(ctx.model, self._start)  # every expert starts from the same state
+        self.prepare(ctx, index)
+        per_expert = sum(p.numel() for p in ctx.model.encoder.parameters() if p.requires_grad)
+        state.extra["counts"] = expert_counts(ctx.model, per_expert, len(ctx.tasks))
+        super().begin_phase(ctx, state, index)
 
-    def train_experts(self, ctx: RunContext) -> tuple[State, list[State], dict]:
-        """(the initial state, one expert per task, the parameter counts over all experts). The
-        model is back at the initial state afterwards."""
-        start = {n: t.clone() for n, t in adapter_state_dict(ctx.model).items()}  # heads too
-        init, experts = encoder_state(ctx.model), []
-        save_state({n: t for n, t in init.items() if _is_adapter_tensor(ctx.model, n)},
-                   ctx.run_dir / EXPERTS_DIR / INIT_FILE, method_metadata(ctx.method))
-        for index, task in enumerate(ctx.tasks):
-            load_state(ctx.model, start)  # every expert starts from the same state
-            self.prepare(ctx, index)
-            per_expert = sum(p.numel() for p in ctx.model.encoder.parameters() if p.requires_grad)
-            experts.append(self.train_expert(ctx, index))
-            save_state(experts[-1], expert_file(ctx.run_dir, task.name),
-                       {**method_metadata(ctx.method), "task": task.name})
-        counts = expert_counts(ctx.model, per_expert, len(ctx.tasks))
-        load_state(ctx.model, start)
-        return init, experts, counts
+    def save_best(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> None:
+        save_state(expert_state(ctx.model, tasks[0].name), expert_file(ctx.run_dir, tasks[0].name),
+                   {**method_metadata(ctx.method), "task": tasks[0].name,
+                    "score": state.best_score, "epoch": state.best_epoch})
+
+    def experts(self, ctx: RunContext) -> list[State]:
+        """The finished experts, in task order; the model back at the initial state."""
+        load_state(ctx.model, self._start)
+        found = read_experts(ctx.run_dir, [t.name for t in ctx.tasks])
+        return [found[t.name] for t in ctx.tasks]
 
 
 def expert_counts(model, per_expert: int, n: int) -> dict[str, float]:
@@ -174,10 +165,10 @@ def expert_counts(model, per_expert: int, n: int) -> dict[str, float]:
 class EnsembleOfExperts(ExpertTrainer):
     """`trainer=eoe`: each task is scored with its own expert."""
 
-    def fit(self, ctx: RunContext) -> FitResult:
-        _, experts, counts = self.train_experts(ctx)
-        by_task = dict(zip((t.name for t in ctx.tasks), experts))
-        return FitResult(None, float("nan"), expert_weights(ctx.model, by_task), counts)
+    def result(self, ctx: RunContext, state: TrainState) -> FitResult:
+        experts = dict(zip((t.name for t in ctx.tasks), self.experts(ctx)))
+        return FitResult(None, float("nan"), expert_weights(ctx.model, experts),
+                         state.extra["counts"])
 
     @staticmethod
     def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:
@@ -209,16 +200,17 @@ class MergedExperts(ExpertTrainer):
             log.info("trainer.merge=%s: trainer.%s=%s (the published default)", merge, key,
                      self.options[key])
 
-    def fit(self, ctx: RunContext) -> FitResult:
-        init, experts, counts = self.train_experts(ctx)
+    def result(self, ctx: RunContext, state: TrainState) -> FitResult:
+        experts = self.experts(ctx)
         weights = self.weights or [self.default_weight(len(experts))] * len(experts)
         if len(weights) != len(experts):
             raise ConfigError(f"trainer.weights has {len(weights)} values for {len(experts)} tasks")
-        merged = merge_experts(ctx.model, init, experts, self.merge, weights, self.options)
+        merged = merge_experts(ctx.model, self._init, experts, self.merge, weights, self.options)
         save_state(merged, ctx.run_dir / MERGED_FILE,
                    {"merge": self.merge, "weights": weights, **self.options})
         heads = {n: t for e in experts for n, t in e.items() if n.startswith("heads.")}
-        return FitResult(None, float("nan"), merged_weights(ctx.model, merged, heads), counts)
+        return FitResult(None, float("nan"), merged_weights(ctx.model, merged, heads),
+                         state.extra["counts"])
 
     @staticmethod
     def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:

@@ -1,71 +1,57 @@
-"""The loop every trainer strategy shares: train one task for one pass over its data, evaluate
-on a split, keep the best state on disk, write predictions. A strategy decides which task trains
-when and which weights score each task: its `fit` returns a `FitResult` whose `weights(task)`
-puts that task's weights in the model for the duration of a `with` (one shared model for the
-sequential and interleaved strategies; an expert, or a merge of experts, for the expert ones).
+"""The one training loop every strategy shares: one `train_step`, one `end_epoch`, one driver
+(`train`) that checkpoints, resumes and stops cleanly when asked to.
+
+A strategy (`Strategy`: sequential, interleaved, the expert ones) is a schedule: it says which
+phases the run has (one, or one per expert), what happens when a phase begins and ends, which
+task's batch comes next (`next_step`, from the task streams' cursors in the `TrainState`, so a
+resumed run draws exactly the batches an uninterrupted one would), and where the best state of a
+phase is kept. `train` returns the strategy's `FitResult`: the best epoch and score, and
+`weights(task)`, the context in which the model holds the weights that score a task.
+
+A PEFT method may hook into the step with optional methods (torchtune's capabilities): an extra
+loss term `extra_loss(model)` (AdaLoRA's orthogonality penalty), `after_step(model, step,
+total_steps)` after each optimizer step (AdaLoRA's rank allocation, DyLoRA's rank sampling),
+`param_groups(model, groups)` for its optimizer groups (trainers.optim), and `state_dict()` /
+`load_state_dict()` for its own state in checkpoints.
 """
 from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+import os
+import signal
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minbert.errors import TrainingError
-from minbert.peft import merged, trainable_params
+from minbert.errors import ConfigError, MinbertError, TrainingError
+from minbert.peft import trainable_params
 from minbert.peft.io import load_adapter, method_metadata, save_adapter
-from tasks.base import Task, overall_score
-from tasks.batching import EncodedSplit
+from tasks.base import Task
 from tasks.model import MultitaskModel
+from minbert.durable import atomic_write, fault_point
+from trainers.evaluate import RunContext, TaskWeights, evaluate, shared_weights
+from trainers.pcgrad import pcgrad, task_gradients
+from trainers.state import Cursor, TrainState, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-TaskWeights = Callable[[str], ContextManager]  # task name -> a context holding its weights
-
-
-def shared_weights(task: str) -> ContextManager:
-    """One model for every task: nothing to swap."""
-    return nullcontext()
+ADAPTER_FILE, HISTORY_FILE = "adapter.safetensors", "history.jsonl"
+Step = list[tuple[Task, object]]  # the (task, batch) pairs of one optimizer step
 
 
 @dataclass
 class FitResult:
-    """What a strategy's `fit` returns: the best epoch and its dev/overall, the weights that score
+    """What a strategy's run returns: the best epoch and its dev/overall, the weights that score
     each task, and (strategies that train several experts) the parameter counts over all of them."""
 
     best_epoch: int | None
     score: float
     weights: TaskWeights = shared_weights
     param_counts: dict | None = None
-
-
-@dataclass
-class RunContext:
-    """Everything a trainer needs from the run: model, data, where to write, how to log."""
-
-    model: MultitaskModel
-    tasks: list[Task]  # in the configured order
-    data: dict[str, dict[str, EncodedSplit]]  # split -> task -> encoded split
-    run_dir: Path
-    logger: object
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    device: torch.device = torch.device("cpu")
-    progress: bool = True
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
-    method: object = None  # the PEFT method: its `merge_eval` and its config for adapter files
-    state_bits: int = 32  # optim.state_bits: 8 stores optimizer moments block-wise in 8 bits
-    optimizer: object = None  # set by the trainer, read for memory accounting
-    weights: TaskWeights = shared_weights  # which weights score each task (FitResult.weights)
-    step: int = 0
-    losses: list = field(default_factory=list)  # (step, task, loss) for the plots
 
 
 def param_groups(model: MultitaskModel, head_lr: float | None = None) -> list[dict]:
@@ -79,132 +65,258 @@ def param_groups(model: MultitaskModel, head_lr: float | None = None) -> list[di
     return groups
 
 
-def checked_loss(ctx: RunContext, task: Task, batch, epoch: int) -> torch.Tensor:
-    """The task's loss on one batch; a non-finite loss stops the run with what to do."""
-    loss = task.loss(ctx.model(task.name, batch), batch.labels)
-    if not torch.isfinite(loss):
-        raise TrainingError(_non_finite_message(ctx, task, epoch, loss.item()))
-    return loss
-
-
-def optimizer_step(ctx: RunContext, optimizer, max_grad_norm: float | None) -> None:
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable_params(ctx.model)], max_grad_norm)
-    optimizer.step()
-    ctx.step += 1
-
-
-def record_loss(ctx: RunContext, task: Task, value: float, epoch: int) -> None:
-    ctx.losses.append((ctx.step, task.name, value))
-    ctx.logger.log({f"{task.name}/train/loss": value, "epoch": epoch}, step=ctx.step)
-
-
-def train_task_epoch(ctx: RunContext, task: Task, optimizer, epoch: int,
-                     max_grad_norm: float | None = None) -> float:
-    """One pass over `task`'s training data; returns the mean loss. Stops on a non-finite loss."""
-    model, data = ctx.model, ctx.data["train"][task.name]
-    model.train()
-    total, bar = 0.0, tqdm(data.batches(ctx.batch_size, shuffle=True, generator=ctx.generator),
-                           total=data.num_batches(ctx.batch_size), disable=not ctx.progress,
-                           desc=f"epoch {epoch} {task.name}", leave=False, dynamic_ncols=True)
-    for n, batch in enumerate(bar, 1):
-        loss = checked_loss(ctx, task, batch.to(ctx.device), epoch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(ctx, optimizer, max_grad_norm)
-        total += loss.item()
-        record_loss(ctx, task, loss.item(), epoch)
-        bar.set_postfix(loss=f"{total / n:.4f}")
-    return total / max(1, data.num_batches(ctx.batch_size))
-
-
-def _non_finite_message(ctx: RunContext, task: Task, epoch: int, value: float) -> str:
-    best, history = ctx.run_dir / ADAPTER_FILE, ctx.run_dir / "history.jsonl"
-    kept = (f"The best state so far is kept in {best} and the per-epoch scores in {history}. "
-            if best.exists() else "No epoch had finished, so there is no checkpoint yet. ")
-    return (f"the {task.name} loss became {value} at epoch {epoch}, step {ctx.step + 1}. {kept}"
-            "Try a lower trainer.optimizer.lr or trainer.head_lr, or set trainer.max_grad_norm=1.0.")
-
-
-@torch.inference_mode()
-def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
-    """The task's predictions for every example of a split, in file order."""
-    ctx.model.eval()
-    out = []
-    for batch in tqdm(data.batches(ctx.eval_batch_size), total=data.num_batches(ctx.eval_batch_size),
-                      disable=not ctx.progress, desc=f"eval {data.split.name} {task.name}",
-                      leave=False, dynamic_ncols=True):
-        out.append(task.predict(ctx.model(task.name, batch.to(ctx.device))).float().cpu())
-    return torch.cat(out).numpy()
-
-
-def predict_task(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
-    """`predict` with the task's own weights (`ctx.weights`: its expert, if the strategy keeps
-    experts), merged into the base weights unless the method says `merge_eval: false`."""
-    with ctx.weights(task.name), merged(ctx.model, getattr(ctx.method, "merge_eval", False)):
-        return predict(ctx, task, data)
-
-
-def evaluate(ctx: RunContext, split: str = "dev") -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Scores every task on a labelled split: `task/split/metric` keys plus `split/overall`."""
-    metrics, preds = {}, {}
-    for task in ctx.tasks:
-        data = ctx.data[split][task.name]
-        preds[task.name] = predict_task(ctx, task, data)
-        gold = data.labels.numpy()
-        metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
-    if split == "dev":
-        metrics["dev/overall"] = overall_score(ctx.tasks, metrics)
-    return metrics, preds
-
-
-ADAPTER_FILE = "adapter.safetensors"
-
-
 def saved_weights(model: torch.nn.Module, run_dir: Path, tasks: list[str]) -> TaskWeights:
     """The weights a one-model strategy saved: its best state, in `adapter.safetensors`."""
     load_adapter(model, Path(run_dir) / ADAPTER_FILE)
     return shared_weights
 
 
-class BestCheckpoint:
-    """Keeps the state with the best dev score as the run's adapter file: every trainable
-    parameter (heads included) plus the frozen tensors the method drew. The base weights never
-    change, so with the base checkpoint that file is the whole model."""
-
-    def __init__(self, path: Path, method=None):
-        self.path, self.score, self.epoch = path, float("-inf"), None
-        self.metadata = method_metadata(method) if method is not None else {}
-
-    def update(self, model: torch.nn.Module, score: float, epoch: int) -> bool:
-        if not score > self.score:
-            return False
-        save_adapter(model, self.path, {**self.metadata, "score": score, "epoch": epoch})
-        self.score, self.epoch = score, epoch
-        return True
-
-    def restore(self, model: torch.nn.Module) -> None:
-        if self.epoch is None:
-            return
-        load_adapter(model, self.path)
-        log.info("restored the best state (epoch %d, dev/overall %.4f)", self.epoch, self.score)
+def next_batch(ctx: RunContext, state: TrainState, task: Task, endless: bool = False):
+    """The next training batch of `task`, or None at the end of its pass (`endless`: a new pass,
+    freshly shuffled, starts instead). A pass draws its order from the run's generator."""
+    data = ctx.data["train"][task.name]
+    cursor = state.cursors.get(task.name)
+    if cursor is not None and cursor.exhausted():
+        del state.cursors[task.name]
+        if not endless:
+            return None
+        cursor = None
+    if cursor is None:
+        cursor = state.cursors[task.name] = Cursor(torch.randperm(len(data),
+                                                                  generator=ctx.generator))
+    return data.collate(cursor.take(ctx.batch_size)).to(ctx.device)
 
 
-def append_history(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "history.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+class Strategy(ABC):
+    """The options every strategy shares (the optimizer as a Hydra partial, epochs, the heads' lr,
+    gradient clipping) and the defaults of a one-model, one-phase schedule."""
+
+    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.run.load_run)
+    pcgrad = False  # one batch of every task per step, gradients combined by PCGrad
+
+    def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
+                 max_grad_norm: float | None = None):
+        if epochs < 1:
+            raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
+        self.optimizer, self.epochs, self.head_lr = optimizer, epochs, head_lr
+        self.max_grad_norm = max_grad_norm
+
+    def phases(self, ctx: RunContext) -> list[list[Task]]:
+        """The tasks each phase trains and scores: one phase over every task."""
+        return [list(ctx.tasks)]
+
+    def start(self, ctx: RunContext) -> None:
+        """Once per process, before any phase begins or any checkpoint is loaded."""
+
+    def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
+        """Builds the phase's optimizer (and whatever else a phase starts with)."""
+        from trainers.optim import build_optimizer
+        state.optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
+                                          ctx.state_bits)
+
+    def steps_per_epoch(self, ctx: RunContext, tasks: list[Task]) -> int:
+        return sum(ctx.data["train"][t.name].num_batches(ctx.batch_size) for t in tasks)
+
+    @abstractmethod
+    def next_step(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> Step | None:
+        """The next step's (task, batch) pairs, or None when the epoch is over."""
+
+    def save_best(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> None:
+        """Keeps the model's state as the phase's best (the adapter file)."""
+        save_adapter(ctx.model, ctx.run_dir / ADAPTER_FILE,
+                     {**method_metadata(ctx.method), "score": state.best_score,
+                      "epoch": state.best_epoch})
+
+    def end_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
+        """After a phase's last epoch."""
+
+    def fit(self, ctx: RunContext) -> FitResult:
+        """Trains from the start in this process (`trainers.run.run` adds resuming and the run's
+        files of record)."""
+        state = TrainState(ctx.model, ctx.generator, ctx.method)
+        self.start(ctx)
+        self.begin_phase(ctx, state, 0)
+        with StopSignals() as stop:
+            return train(self, ctx, state, stop)
+
+    def result(self, ctx: RunContext, state: TrainState) -> FitResult:
+        """The best state back in the model, once every phase has trained."""
+        if state.best_epoch is not None:
+            load_adapter(ctx.model, ctx.run_dir / ADAPTER_FILE)
+            log.info("restored the best state (epoch %d, dev/overall %.4f)", state.best_epoch,
+                     state.best_score)
+        return FitResult(state.best_epoch, state.best_score)
 
 
-def write_predictions(run_dir: Path, task: Task, split: str, ids: list[str], preds,
-                      name: str | None = None) -> Path:
-    """Writes the CS224N leaderboard format: `id \\t Predicted_X` then `id , prediction` lines,
-    to `<run_dir>/predictions/<task>-<split>-output.csv`, or to `<run_dir>/<name>` if named."""
-    default = f"predictions/{task.name}-{split.removesuffix('-student')}-output.csv"
-    out = Path(run_dir) / (name or default)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fmt = (lambda v: f"{v:.6f}") if task.metric == "pearson" else (lambda v: f"{int(v)}")
-    with open(out, "w") as f:
-        f.write(f"id \t {task.prediction_column} \n")
-        for example_id, p in zip(ids, preds):
-            f.write(f"{example_id} , {fmt(p)} \n")
-    return out
+def checked_loss(ctx: RunContext, state: TrainState, task: Task, batch) -> torch.Tensor:
+    """The task's loss on one batch; a non-finite loss stops the run with what to do."""
+    loss = task.loss(ctx.model(task.name, batch), batch.labels)
+    if not torch.isfinite(loss):
+        raise TrainingError(_non_finite_message(ctx, state, task, loss.item()))
+    return loss
+
+
+def _non_finite_message(ctx: RunContext, state: TrainState, task: Task, value: float) -> str:
+    best, history = ctx.run_dir / ADAPTER_FILE, ctx.run_dir / HISTORY_FILE
+    kept = (f"The best state so far is kept in {best} and the per-epoch scores in {history}. "
+            if best.exists() else "No epoch had finished, so there is no best state yet. ")
+    return (f"the {task.name} loss became {value} at epoch {state.epoch}, step {state.step + 1}. "
+            f"{kept}Try a lower trainer.optimizer.lr or trainer.head_lr, or set "
+            "trainer.max_grad_norm=1.0.")
+
+
+def _backward(ctx: RunContext, state: TrainState, step: Step) -> list[tuple[Task, float]]:
+    """Gradients for one step: one task's loss, or several tasks' combined by PCGrad; plus the
+    method's extra loss term. Returns each task's loss."""
+    losses = [(task, checked_loss(ctx, state, task, batch)) for task, batch in step]
+    extra = getattr(ctx.method, "extra_loss", None)
+    state.optimizer.zero_grad(set_to_none=True)
+    if len(losses) == 1:
+        total = losses[0][1] + (extra(ctx.model) if extra else 0)
+        total.backward()
+    else:
+        params = [p for _, p in trainable_params(ctx.model)]
+        combined = pcgrad(task_gradients([l for _, l in losses], params), ctx.generator)
+        for p, g in zip(params, combined):
+            p.grad = g
+        if extra:
+            extra(ctx.model).backward()
+    return [(task, loss.item()) for task, loss in losses]
+
+
+def train_step(ctx: RunContext, state: TrainState, step: Step, max_grad_norm: float | None,
+               total_steps: int) -> None:
+    """One optimizer step: forward, backward, clip, step, the LR schedule and the method's hook,
+    then the losses recorded for the history, the plots and the logger."""
+    losses = _backward(ctx, state, step)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable_params(ctx.model)], max_grad_norm)
+    state.optimizer.step()
+    if state.scheduler is not None:
+        state.scheduler.step()
+    state.step, state.phase_step, state.epoch_step = (state.step + 1, state.phase_step + 1,
+                                                      state.epoch_step + 1)
+    after = getattr(ctx.method, "after_step", None)
+    if after:
+        after(ctx.model, state.phase_step, total_steps)
+    for task, value in losses:
+        total, count = state.epoch_losses.get(task.name, (0.0, 0))
+        state.epoch_losses[task.name] = [total + value, count + 1]
+        state.losses.append((state.step, task.name, value))
+        ctx.logger.log({f"{task.name}/train/loss": value, "epoch": state.epoch}, step=state.step)
+    fault_point("step")
+
+
+def end_epoch(ctx: RunContext, state: TrainState, strategy: Strategy, tasks: list[Task],
+              label: dict) -> None:
+    """Scores the phase's tasks on dev, keeps the best state, appends the history (rewritten
+    whole, atomically) and logs."""
+    metrics, _ = evaluate(ctx, "dev", tasks)
+    improved = metrics["dev/overall"] > state.best_score
+    if improved:
+        state.best_score, state.best_epoch = metrics["dev/overall"], state.epoch
+        strategy.save_best(ctx, state, tasks)
+        fault_point("adapter-written")
+    losses = {f"{t}/train/loss": s / max(1, n) for t, (s, n) in state.epoch_losses.items()}
+    state.history.append({**label, "epoch": state.epoch, "step": state.step, **metrics, **losses})
+    write_history(ctx.run_dir, state.history)
+    fault_point("history-appended")
+    prefix = "expert/" if "expert" in label else ""
+    ctx.logger.log({**{prefix + k: v for k, v in metrics.items()}, "epoch": state.epoch},
+                   step=state.step)
+    name = f"expert {label['expert']}, epoch" if label else "epoch"
+    log.info("%s %d/%d: %s%s", name, state.epoch, strategy.epochs,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+             " (best so far)" if improved else "")
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write(Path(run_dir) / HISTORY_FILE, lambda f: f.write(text.encode("utf-8")))
+
+
+class Preempted(MinbertError):
+    """The run was asked to stop (a cluster's preemption signal, SIGTERM) and stopped at a step
+    boundary after writing a checkpoint."""
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` records SIGTERM and the preemption signal (submitit's, USR2
+    unless SUBMITIT_PREEMPT_SIGNAL says otherwise) instead of dying mid-step; `stop.check()` at a
+    step boundary, after a checkpoint, hands the signal on: to the handler that was there before
+    (submitit's, which requeues the job) or, if none, ends the run with `Preempted`."""
+
+    def __init__(self):
+        name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        self.signals = {signal.SIGTERM, getattr(signal, name, signal.SIGUSR2)}
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in self.signals:
+            try:
+                self.previous[sig] = signal.signal(sig, self._record)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _record(self, signum, frame) -> None:
+        log.warning("caught %s: stopping at the next step boundary, after a checkpoint",
+                    signal.Signals(signum).name)
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def pending(self) -> bool:
+        return self.received is not None
+
+    def hand_on(self, run_dir: Path) -> None:
+        signum, handler = self.received, self.previous.get(self.received)
+        self.__exit__()
+        if callable(handler):
+            handler(signum, None)  # submitit: requeue this job, then exit
+        raise Preempted(f"stopped by {signal.Signals(signum).name} after a checkpoint; continue "
+                        f"with: python train.py <the same overrides> resume={run_dir}")
+
+
+def train(strategy: Strategy, ctx: RunContext, state: TrainState, stop: StopSignals) -> FitResult:
+    """Runs the strategy's phases from wherever `state` is, checkpointing every
+    `ctx.checkpoint_every` steps and at every epoch end."""
+    phases = strategy.phases(ctx)
+    while not state.done:
+        tasks = phases[state.phase]
+        per_epoch = strategy.steps_per_epoch(ctx, tasks)
+        label = {"expert": tasks[0].name} if len(phases) > 1 else {}
+        bar = tqdm(total=per_epoch, initial=state.epoch_step, disable=not ctx.progress,
+                   leave=False, dynamic_ncols=True, desc=f"epoch {state.epoch}")
+        ctx.model.train()
+        while (step := strategy.next_step(ctx, state, tasks)) is not None:
+            train_step(ctx, state, step, strategy.max_grad_norm, per_epoch * strategy.epochs)
+            bar.update(1)
+            if (ctx.checkpoint_every and state.step % ctx.checkpoint_every == 0) or stop.pending():
+                save_checkpoint(state, ctx.run_dir, ctx.checkpoint_keep)
+                if stop.pending():
+                    stop.hand_on(ctx.run_dir)
+        bar.close()
+        end_epoch(ctx, state, strategy, tasks, label)
+        _advance(strategy, ctx, state, len(phases))
+        save_checkpoint(state, ctx.run_dir, ctx.checkpoint_keep)
+        if stop.pending():
+            stop.hand_on(ctx.run_dir)
+    return strategy.result(ctx, state)
+
+
+def _advance(strategy: Strategy, ctx: RunContext, state: TrainState, n_phases: int) -> None:
+    """To the next epoch, or past the phase's last one to the next phase (or the end)."""
+    state.epoch, state.slot, state.epoch_step, state.epoch_losses = state.epoch + 1, 0, 0, {}
+    if state.epoch <= strategy.epochs:
+        return
+    strategy.end_phase(ctx, state, state.phase)
+    state.phase, state.epoch, state.phase_step = state.phase + 1, 1, 0
+    if state.phase < n_phases:  # a new phase keeps its own best (an expert's)
+        state.best_score, state.best_epoch, state.cursors = float("-inf"), None, {}
+        strategy.begin_phase(ctx, state, state.phase)
+    else:
+        state.done = True

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minbert.durable import atomic_write
+
 
 def _moving_average(values: list[float], window: int) -> np.ndarray:
     v = np.asarray(values, dtype=float)
@@ -56,7 +58,6 @@ def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
     if series:
         ax_dev.legend()
     fig.tight_layout()
-    out = run_dir / "training.png"
-    fig.savefig(out, dpi=100)
+    out = atomic_write(run_dir / "training.png", lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return out

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from minbert.optim.quant import SCHEMES, QuantizedTensor
+from minbert.optim.serial import PlainStateDict
 
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors (biases, LayerNorm) keep fp32 moments
 
@@ -108,7 +109,7 @@ def step_each(optimizer: torch.optim.Optimizer, closure=None):
     return loss
 
 
-class AdamW8bit(torch.optim.Optimizer):
+class AdamW8bit(PlainStateDict, torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay applied before the step, bias correction, eps added
     to the bias-corrected sqrt(v)) whose moments are block-wise 8-bit QuantizedTensors.
 

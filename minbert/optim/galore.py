@@ -39,6 +39,7 @@ import torch
 from minbert.optim.adamw8 import (MIN_8BIT_SIZE, adam_moments, check_adam_args, init_moments, step_each,
                                   update_in_chunks)
 from minbert.optim.quant import SCHEMES, QuantizedTensor
+from minbert.optim.serial import PlainStateDict
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 STATE_BITS = (32, 8)
@@ -110,7 +111,7 @@ class GaLoreProjector:
         return [m for m in (self.left, self.right) if m is not None]
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(PlainStateDict, torch.optim.Optimizer):
     """AdamW (the transformers/galore-torch variant), with GaLore for the param groups that set `rank`.
 
     A projected group reads `rank`, `update_proj_gap` (default 200), `scale` (default 1.0) and

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
 from minbert.checkpoint import minbert_to_hf_key
+from minbert.durable import atomic_write
 from minbert.errors import CheckpointError
 from minbert.peft import adapter_layers, adapter_state_dict
 from minbert.peft.dora import DoraLinear
@@ -34,15 +36,27 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
 
 def save_state(state: dict[str, torch.Tensor], path: str | Path,
                metadata: dict | None = None) -> Path:
-    """Writes named tensors as safetensors, atomically, with JSON-encoded metadata values."""
+    """Writes named tensors as safetensors, atomically and durably (`minbert.durable`), with
+    JSON-encoded metadata values."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {n: t.detach().cpu().contiguous() for n, t in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated adapter
-    return path
+    data = canonical_header(safetensors_bytes(state, metadata=meta))
+    return atomic_write(path, lambda f: f.write(data))  # a kill never leaves a torn file
+
+
+def canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys in sorted order. safetensors keeps the
+    metadata in a Rust HashMap, whose order changes from process to process; sorted, the same
+    tensors and metadata always give the same bytes (a resumed run's files equal an uninterrupted
+    run's)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -1,0 +1,88 @@
+"""What checkpointing costs: seconds per checkpoint against seconds per training step, measured
+side by side in one process (rounds of timed steps, each followed by a timed checkpoint), and the
+share of training time that checkpointing every `checkpoint.every_n_steps` steps costs.
+
+    python scripts/bench_checkpoint.py                         # MiniLM, full fine-tuning and LoRA
+    python scripts/bench_checkpoint.py --methods none --interval 200 --rounds 5
+
+The training steps are the real loop's (`trainers.loop.train_step` on the real data, batch 32), the
+checkpoints the real ones (`trainers.state.save_checkpoint`: the whole TrainState, written to a
+temporary file, fsynced, renamed in). Needs the CS224N data (`$MINBERT_DATA` or --data-root).
+Target: at most 3 % at the default interval for full fine-tuning on MiniLM.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.loop import train_step  # noqa: E402
+from trainers.run import setup  # noqa: E402
+from trainers.state import TrainState, checkpoint_files, save_checkpoint  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TARGET = 0.03
+
+
+def measure(method: str, model: str, rounds: int, steps: int, data_root: str | None) -> dict:
+    overrides = [f"model={model}", f"peft={method}", "logger=none", "progress=false",
+                 "data.limit_train=2000", "data.limit_eval=32"]
+    overrides += [f"data.root={data_root}"] if data_root else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _, ctx = setup(cfg, tmp)
+        state = TrainState(ctx.model, ctx.generator, ctx.method)
+        trainer.start(ctx)
+        trainer.begin_phase(ctx, state, 0)
+        tasks = trainer.phases(ctx)[0]
+        ctx.model.train()
+        step_times, save_times = [], []
+        for _ in range(rounds):
+            for _ in range(steps):
+                start = time.perf_counter()
+                train_step(ctx, state, trainer.next_step(ctx, state, tasks), None, 10 ** 6)
+                step_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            save_checkpoint(state, Path(tmp), keep=2)
+            save_times.append(time.perf_counter() - start)
+        size = checkpoint_files(Path(tmp))[-1].stat().st_size
+    return {"step": statistics.median(step_times[1:]), "save": statistics.median(save_times),
+            "mib": size / 2 ** 20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--methods", nargs="+", default=["none", "lora"])
+    parser.add_argument("--rounds", type=int, default=3, help="checkpoints timed per method")
+    parser.add_argument("--steps", type=int, default=8, help="training steps timed per round")
+    parser.add_argument("--interval", type=int, default=200,
+                        help="checkpoint.every_n_steps to cost (the default: 200)")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args(argv)
+    print(f"| peft ({args.model}) | s / step | s / checkpoint | checkpoint MiB | "
+          f"share at every {args.interval} steps | interval for {TARGET:.0%} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    worst = 0.0
+    for method in args.methods:
+        m = measure(method, args.model, args.rounds, args.steps, args.data_root)
+        share = m["save"] / (args.interval * m["step"] + m["save"])
+        needed = m["save"] * (1 - TARGET) / (TARGET * m["step"])
+        worst = max(worst, share)
+        print(f"| {method} | {m['step']:.3f} | {m['save']:.3f} | {m['mib']:.1f} | "
+              f"{share:.2%} | {needed:.0f} |")
+    print(f"target: checkpointing at most {TARGET:.0%} of training time: "
+          f"{'met' if worst <= TARGET else 'NOT met'} (worst {worst:.2%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

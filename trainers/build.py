@@ -1,0 +1,86 @@
+"""Building a run's parts from its composed Hydra config: any `_target_` node (with errors that
+name the config key), the seeds, the device, the PEFT method, the model (encoder, method, one head
+per task), the tasks a run trains and its tokenized data. Shared by `trainers.run` (training) and
+`trainers.record` (rebuilding a finished run)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from minbert.checkpoint import load_tokenizer
+from minbert.errors import ConfigError, MinbertError
+from minbert.peft import PeftMethod
+from tasks import get_tasks
+from tasks.base import Task
+from tasks.batching import EncodedSplit
+from tasks.model import MultitaskModel
+
+
+def build(node: DictConfig, key: str, **kwargs):
+    """`hydra.utils.instantiate`, with errors that name the config key instead of a deep trace."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, MinbertError):
+            raise type(cause)(f"{key}: {cause}") from cause
+        raise ConfigError(f"cannot build `{key}` from its config: {e}") from e
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or auto")
+    return torch.device(name)
+
+
+def run_tasks(cfg: DictConfig, trainer) -> list[Task]:
+    """The tasks a run trains, in order: the trainer's own (`trainer=single`), else `order`."""
+    return get_tasks(getattr(trainer, "tasks", None) or list(cfg.order.tasks))
+
+
+def build_method(cfg: DictConfig) -> PeftMethod:
+    method = build(cfg.peft, "peft")
+    if not isinstance(method, PeftMethod):
+        raise ConfigError(f"peft: {type(method).__name__} has no apply(encoder) method")
+    return method
+
+
+def build_model(cfg: DictConfig, tasks, method: PeftMethod | None = None,
+                encoder: nn.Module | None = None) -> MultitaskModel:
+    """The encoder (`cfg.model.encoder`, unless one is given) with the PEFT method applied, and a
+    fresh (trainable) head per task."""
+    encoder = encoder if encoder is not None else build(cfg.model.encoder, "model.encoder")
+    try:
+        encoder = (method or build_method(cfg)).apply(encoder)
+    except ConfigError as e:
+        raise ConfigError(f"peft: {e}") from e
+    heads = {t.name: build(cfg.heads[t.name], f"heads.{t.name}", hidden_size=encoder.hidden_size)
+             for t in tasks}
+    return MultitaskModel(encoder, heads, pooling=cfg.model.pooling)
+
+
+def encode_data(cfg: DictConfig, model: MultitaskModel, raw: dict) -> dict:
+    """split -> task -> EncodedSplit, tokenized once, pairs encoded as each head needs."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    out: dict[str, dict[str, EncodedSplit]] = {}
+    for task_name, splits in raw.items():
+        joint = getattr(model.heads[task_name], "joint", False)
+        for split, data in splits.items():
+            out.setdefault(split, {})[task_name] = EncodedSplit(data, tokenizer,
+                                                                cfg.model.max_length, joint)
+    return out

@@ -1,0 +1,120 @@
+"""What a run records about itself, and the one loader that rebuilds a finished run for every
+script (export, merge, predict).
+
+`run.json` is written when a run starts: the tasks it trains, in order (the one list of a run's
+tasks), its resolved config, torch's version and thread count, and the W&B run id. A run started
+again in the same folder (`resume=<dir>`, or a sweep relaunched with the same `hydra.sweep.dir`)
+is checked against it: a different config is refused, naming the keys that differ, except keys
+that cannot change results (`MAY_DIFFER`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from minbert.durable import write_json
+from minbert.errors import CheckpointError, ConfigError, MinbertError
+from minbert.peft import PeftMethod
+from tasks import get_tasks
+from tasks.base import Task
+from tasks.model import MultitaskModel
+from trainers.build import build, build_method, build_model, resolve_device, run_tasks, \
+    seed_everything
+from trainers.evaluate import TaskWeights
+
+RUN_FILE = "run.json"
+# Keys a resumed run may change: where the data lives, display, checkpoint cadence, the logger.
+MAY_DIFFER = ("resume", "progress", "data.root", "checkpoint", "logger")
+
+
+def read_record(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); move it away to start the run "
+                              "afresh") from e
+
+
+def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: str | None) -> None:
+    write_json(Path(run_dir) / RUN_FILE, {
+        "tasks": [t.name for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),
+        "torch": str(torch.__version__), "threads": torch.get_num_threads(), "wandb_id": wandb_id})
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items()
+                for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def config_changes(saved: dict, cfg: DictConfig) -> list[str]:
+    """`key: saved -> now` for every key whose value differs, except the MAY_DIFFER ones."""
+    before, now = _flatten(saved), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)
+                  and not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER))
+    return [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in keys]
+
+
+def check_same_run(run_dir: Path, record: dict, cfg: DictConfig) -> None:
+    changes = config_changes(record.get("config", {}), cfg)
+    if changes:
+        raise ConfigError(f"{run_dir} holds a run with another config, which it will not resume: "
+                          + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
+                          + ". Run it with its own config, or use a new run dir.")
+
+
+@dataclass
+class SavedRun:
+    """A finished run rebuilt: its config, tasks, PEFT method, model (the run's weights loaded)
+    and `weights(task)`, the context in which the model holds that task's weights."""
+
+    run_dir: Path
+    cfg: DictConfig
+    tasks: list[Task]
+    method: PeftMethod
+    model: MultitaskModel
+    weights: TaskWeights
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The config a run ran with: `run.json`'s, else (older runs) what Hydra saved."""
+    record = read_record(run_dir)
+    if record and "config" in record:
+        return OmegaConf.create(record["config"])
+    config = Path(run_dir) / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise MinbertError(f"{config} not found: pass the folder of a run made by train.py")
+    return OmegaConf.load(config)
+
+
+def saved_tasks(run_dir: Path, cfg: DictConfig, trainer) -> list[Task]:
+    """The task list a run saved in `run.json` (runs made before it existed: from the config)."""
+    record = read_record(run_dir)
+    if record is None:
+        return run_tasks(cfg, trainer)
+    try:
+        return get_tasks(record["tasks"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{Path(run_dir) / RUN_FILE} has no task list ({e}); it should hold "
+                              '{"tasks": [...]}, the tasks the run trained') from e
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> SavedRun:
+    """Rebuilds a finished run from its folder: the saved config and task list, the model built as
+    the run built it, and the weights its strategy saved (adapter file, experts or a merge)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    trainer = build(cfg.trainer, "trainer")
+    tasks = saved_tasks(run_dir, cfg, trainer)
+    seed_everything(cfg.seed)  # frozen random tensors come out as the run drew them
+    method = build_method(cfg)
+    model = build_model(cfg, tasks, method).to(resolve_device(device)).eval()
+    weights = trainer.load_weights(model, run_dir, [t.name for t in tasks])
+    return SavedRun(run_dir, cfg, tasks, method, model, weights)

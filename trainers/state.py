@@ -1,0 +1,177 @@
+"""Everything a run needs to continue, in one `TrainState`, and its checkpoints on disk.
+
+A run is phases (one for the one-model strategies, one per expert), each of `epochs` epochs of
+steps; the state says where it is (phase, epoch, slot within the epoch, global and phase step),
+where each task's data stream is (the permutation drawn for the current pass and a cursor into it,
+never a generator to replay), every random number generator (the run's `torch.Generator`, torch's
+CPU and CUDA generators, Python's, NumPy's), the optimizer and LR scheduler, the PEFT method's own
+state, the best score so far, the history and the running losses for the plots, and the model's
+trained tensors. `state_dict()` / `load_state_dict()` hold all of it in plain tensors and values,
+so a checkpoint loads with `torch.load(weights_only=True)`.
+
+Checkpoints are `checkpoints/checkpoint-<n>.pt`, written atomically (`minbert.durable`), the
+newest `keep` kept; `load_checkpoint` falls back to an older one when the newest is unreadable.
+torch's version and thread count are recorded, since both change CPU results bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minbert.peft import adapter_state_dict
+from minbert.durable import atomic_write
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+COUNTERS = ("phase", "epoch", "slot", "epoch_step", "step", "phase_step", "saves", "best_score",
+            "best_epoch", "done")
+
+
+@dataclass
+class Cursor:
+    """Where a task's data stream is: the order drawn for the current pass, and the next index."""
+
+    order: torch.Tensor  # [n] a permutation of the split's examples
+    pos: int = 0
+
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.order)
+
+    def take(self, batch_size: int) -> torch.Tensor:
+        index = self.order[self.pos:self.pos + batch_size]
+        self.pos += len(index)
+        return index
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                      "rest": [np_state[0], *np_state[2:]]}}
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, *rest = state["numpy"]["rest"]
+    np.random.set_state((kind, state["numpy"]["keys"].numpy().astype(np.uint32), *rest))
+
+
+@dataclass
+class TrainState:
+    """Where a run is and what it holds; the live model, generator, optimizer and method are
+    referenced, and read or written by `state_dict` / `load_state_dict`."""
+
+    model: torch.nn.Module
+    generator: torch.Generator
+    method: object = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    phase: int = 0
+    epoch: int = 1
+    slot: int = 0  # within the epoch: the task a sequential schedule is at
+    epoch_step: int = 0  # optimizer steps of this epoch
+    step: int = 0  # optimizer steps of the whole run
+    phase_step: int = 0  # optimizer steps of this phase (an expert's own schedule)
+    saves: int = 0  # checkpoints written
+    best_score: float = float("-inf")
+    best_epoch: int | None = None
+    done: bool = False  # every phase trained
+    extra: dict = field(default_factory=dict)  # a strategy's own plain values (expert counts)
+    cursors: dict[str, Cursor] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    losses: list[tuple[int, str, float]] = field(default_factory=list)  # for the plots
+    epoch_losses: dict[str, list[float]] = field(default_factory=dict)  # task -> [sum, count]
+
+    def state_dict(self) -> dict:
+        method = getattr(self.method, "state_dict", None)
+        return {
+            "counters": {k: getattr(self, k) for k in COUNTERS},
+            "cursors": {t: {"order": c.order, "pos": c.pos} for t, c in self.cursors.items()},
+            "history": self.history, "losses": [list(x) for x in self.losses],
+            "epoch_losses": self.epoch_losses, "extra": self.extra,
+            "model": {n: t.detach().clone() for n, t in adapter_state_dict(self.model).items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "method": method() if callable(method) else None,
+            "rng": rng_state(self.generator),
+            "meta": {"torch": str(torch.__version__), "threads": torch.get_num_threads()},
+        }
+
+    def load_counters(self, sd: dict) -> None:
+        """Where the run was (phase, epoch, ...), without touching the live objects: a strategy
+        rebuilds its phase's optimizer from these before `load_state_dict` fills it."""
+        for k, v in sd["counters"].items():
+            setattr(self, k, v)
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.load_counters(sd)
+        self.cursors = {t: Cursor(c["order"], c["pos"]) for t, c in sd["cursors"].items()}
+        self.history, self.epoch_losses = list(sd["history"]), dict(sd["epoch_losses"])
+        self.extra = dict(sd["extra"])
+        self.losses = [tuple(x) for x in sd["losses"]]
+        tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        with torch.no_grad():
+            for name, t in sd["model"].items():
+                tensors[name].copy_(t)
+        if sd["optimizer"] is not None and self.optimizer is not None:
+            self.optimizer.load_state_dict(sd["optimizer"])
+        if sd["scheduler"] is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        if sd["method"] is not None:
+            self.method.load_state_dict(sd["method"])
+        set_rng_state(self.generator, sd["rng"])
+        _check_meta(sd["meta"])
+
+
+def _check_meta(meta: dict) -> None:
+    now = {"torch": str(torch.__version__), "threads": torch.get_num_threads()}
+    if meta != now:
+        log.warning("the checkpoint was written with torch %s on %s threads, this process has "
+                    "torch %s on %s threads: the resumed run is valid but will not match an "
+                    "uninterrupted one bit for bit", meta["torch"], meta["threads"], now["torch"],
+                    now["threads"])
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    return sorted(folder.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def save_checkpoint(state: TrainState, run_dir: Path, keep: int = 2) -> Path:
+    """Writes the state as the newest checkpoint, atomically, then deletes all but `keep`."""
+    state.saves += 1
+    path = Path(run_dir) / CHECKPOINTS / f"checkpoint-{state.saves:06d}.pt"
+    sd = state.state_dict()
+    atomic_write(path, lambda f: torch.save(sd, f), fault="checkpoint-write")
+    for old in checkpoint_files(run_dir)[:-max(1, keep)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    """The newest readable checkpoint's state dict (an unreadable one is skipped, with a warning,
+    for the one before it); None if there is none."""
+    for path in reversed(checkpoint_files(run_dir)):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupted: any failure means try the older one
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path,
+                        type(e).__name__, e)
+            continue
+        log.info("resuming from %s (phase %d, epoch %d, step %d)", path,
+                 sd["counters"]["phase"], sd["counters"]["epoch"], sd["counters"]["step"])
+        return sd
+    return None
