@@ -237,7 +237,7 @@ def test_table_of_infers_ad_hoc_runs(cli, tmp_path):
 
 
 def test_mixed_models_and_repeated_seeds_are_noted(cli, tmp_path, capsys):
-    cfg = compose_config(["experiment=figure2"])
+    cfg = compose_config(["experiment=figure2", "heads=separate"])
     write_run(tmp_path / "a", cfg, 1, multi(0.5, 0.5, 0.5, 0.5))
     OmegaConf.update(cfg, "model.name", "tiny")
     write_run(tmp_path / "b", cfg, 1, multi(0.7, 0.5, 0.5, 0.6))  # the same seed again
