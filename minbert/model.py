@@ -7,6 +7,12 @@ Ordered from parts to whole, nanoGPT-style:
 Attention uses torch.nn.functional.scaled_dot_product_attention. Module names are short and our own;
 `minbert.checkpoint` maps them to and from the HF names, so LoRA targets read as `query`, `value`,
 `up`, `down` rather than `intermediate.dense`.
+
+Seams for PEFT methods (unused, and free, otherwise): `BertModel.kv_prefix` (a module giving each
+layer extra keys and values: prefix tuning), `BertModel.prompt` (a module giving embeddings to put
+in front of the sequence: prompt tuning; the output keeps the real tokens only, so [CLS] and
+pooling stay the real ones), and each layer's `attn_out` / `ffn_out` residual blocks,
+`norm(h + r)`, which bottleneck adapters wrap.
 """
 from __future__ import annotations
 
@@ -80,9 +86,11 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
+                position_ids: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        """`words` ([N, H]) replaces the word embeddings of `input_ids` (soft prompts)."""
+        words = self.word(input_ids) if words is None else words
         # word + token type + position, in HF's order: float sums are then bit-identical to HF's
-        x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
+        x = words + self.token_type(token_type_ids) + self.position(position_ids)
         return self.dropout(self.norm(x))  # [N, H]
 
 
@@ -121,14 +129,21 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(H, H)
         self.attn_dropout = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: Tokens,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`prefix`: extra (keys, values), [B, nh, P, hd] each, that every token attends to."""
         B, T, H = tokens.B, tokens.T, x.shape[-1]
         heads = (B, T, self.n_head, H // self.n_head)
         q = tokens.unpack(self.query(x)).view(heads).transpose(1, 2)  # [N, H] -> [B, nh, T, hd]
         k = tokens.unpack(self.key(x)).view(heads).transpose(1, 2)
         v = tokens.unpack(self.value(x)).view(heads).transpose(1, 2)
+        mask = tokens.mask
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+            if mask is not None:  # [B, 1, 1, P + T]: the prefix is never padding
+                mask = torch.cat([mask.new_ones(B, 1, 1, prefix[0].shape[2]), mask], dim=-1)
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.mask, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out(tokens.pack(y.transpose(1, 2)).reshape(-1, H))  # [B, nh, T, hd] -> [N, H]
 
 
@@ -143,6 +158,13 @@ class FeedForward(nn.Module):
         return self.down(self.act(self.up(x)))  # [N, H] -> [N, 4H] -> [N, H]
 
 
+class Residual(nn.Module):
+    """A sublayer's output h joining its input r: norm(h + r). A seam bottleneck adapters wrap."""
+
+    def forward(self, h: torch.Tensor, r: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return norm(h + r)
+
+
 class Layer(nn.Module):
     """One post-norm transformer block: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
 
@@ -153,10 +175,11 @@ class Layer(nn.Module):
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.attn_out, self.ffn_out = Residual(), Residual()
 
-    def forward(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, tokens)))  # [N, H]
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+    def forward(self, x: torch.Tensor, tokens: Tokens, prefix=None) -> torch.Tensor:
+        x = self.attn_out(self.dropout(self.attn(x, tokens, prefix)), x, self.attn_norm)  # [N, H]
+        return self.ffn_out(self.dropout(self.ffn(x)), x, self.ffn_norm)
 
 
 class Pooler(nn.Module):
@@ -175,19 +198,48 @@ class BertModel(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.pooler = Pooler(config)
+        self.kv_prefix: nn.Module | None = None  # B -> [(keys, values)] per layer
+        self.prompt: nn.Module | None = None  # B -> [B, n, H] embeddings before the sequence
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> BertOutput:
         B, T = input_ids.shape
-        tokens = Tokens(attention_mask, B, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        if self.prompt is not None:
+            return self._with_prompt(input_ids, attention_mask, token_type_ids)
+        tokens = Tokens(attention_mask, B, T)
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embeddings(tokens.pack(input_ids), tokens.pack(token_type_ids),
                             tokens.pack(positions))  # [N, H], the real tokens only
-        for layer in self.layers:
-            x = layer(x, tokens)
-        x = tokens.unpack(x)  # [B, T, H], zeros at padding
+        x = tokens.unpack(self._layers(x, tokens, B))  # [B, T, H], zeros at padding
+        return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x))
+
+    def _layers(self, x: torch.Tensor, tokens: Tokens, B: int) -> torch.Tensor:
+        prefixes = self.kv_prefix(B) if self.kv_prefix is not None else [None] * len(self.layers)
+        for layer, prefix in zip(self.layers, prefixes):
+            x = layer(x, tokens, prefix)
+        return x
+
+    def _with_prompt(self, input_ids, attention_mask, token_type_ids) -> BertOutput:
+        """n prompt vectors in front of every sequence, at positions 0..n-1 with token type 0
+        (the real tokens at n..n+T-1, as peft places them); the output drops them again."""
+        B, T = input_ids.shape
+        prompt = self.prompt(B)  # [B, n, H]
+        n = prompt.shape[1]
+        if n + T > self.config.max_position_embeddings:
+            raise ValueError(f"{n} prompt tokens + {T} tokens exceed the model's "
+                             f"{self.config.max_position_embeddings} positions")
+        mask = torch.ones(B, n + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask is not None:
+            mask[:, n:] = attention_mask
+        tokens = Tokens(mask, B, n + T)
+        words = torch.cat([prompt, self.embeddings.word(input_ids)], dim=1)  # [B, n + T, H]
+        types = torch.cat([token_type_ids.new_zeros(B, n), token_type_ids], dim=1)
+        positions = torch.arange(n + T, device=input_ids.device).expand(B, n + T)
+        x = self.embeddings(None, tokens.pack(types), tokens.pack(positions),
+                            words=tokens.pack(words))
+        x = tokens.unpack(self._layers(x, tokens, B))[:, n:]  # [B, T, H]: the real tokens
         return BertOutput(last_hidden_state=x, pooler_output=self.pooler(x))
 
     @property

@@ -9,7 +9,9 @@ come from `trainers.optim.build_optimizer` as in train.py (lr 1e-5; memory and s
 
   methods  full AdamW; LoRA, DoRA r=8 (alpha 16) on attn_qkv; GaLore r=4 / 8 / 64 on all_linear
            (std projection, gap 200, scale 0.25); GradNormLoRP r=8 on attn_qkv (full projection,
-           gap 250); 8-bit states (optim.state_bits=8) for full AdamW, GaLore r=8, GradNormLoRP.
+           gap 250); 8-bit states (optim.state_bits=8) for full AdamW, GaLore r=8, GradNormLoRP;
+           the other families at their configs' defaults: Houlsby and Pfeiffer adapters, (IA)³,
+           prefix tuning (20 tokens, with its MLP), prompt tuning (20 tokens), BitFit.
   columns  trainable parameters; optimizer-state bytes (`optimizer_state_bytes`: moments, GaLore
            bases, torch AdamW's tensor steps); total = parameter + gradient + optimizer-state bytes
            (`memory_metrics`); peak = growth of peak RSS over --peak-steps steps (`PeakMemory`),
@@ -59,7 +61,12 @@ from minbert.checkpoint import load_tokenizer  # noqa: E402
 from minbert.model import BertModel  # noqa: E402
 from minbert.optim import QuantizedTensor  # noqa: E402
 from minbert.peft import trainable_params  # noqa: E402
+from minbert.peft.bitfit import BitFit  # noqa: E402
+from minbert.peft.bottleneck import Houlsby, Pfeiffer  # noqa: E402
 from minbert.peft.dora import Dora  # noqa: E402
+from minbert.peft.ia3 import IA3  # noqa: E402
+from minbert.peft.prefix import Prefix  # noqa: E402
+from minbert.peft.prompt import Prompt  # noqa: E402
 from minbert.peft.full import FullFinetune  # noqa: E402
 from minbert.peft.galore import Galore  # noqa: E402
 from minbert.peft.gradnormlorp import GradNormLoRP  # noqa: E402
@@ -85,6 +92,12 @@ METHODS = {  # key (for --only) -> (row label, method factory, optimizer state b
     "full-8bit": ("full AdamW 8-bit", FullFinetune, 8),
     "galore8-8bit": ("GaLore r=8 8-bit", P(Galore, rank=8, **GALORE), 8),
     "gradnormlorp-8bit": ("GradNormLoRP r=8 8-bit", P(GradNormLoRP, **QKV), 8),
+    "houlsby": ("Houlsby adapters", Houlsby, 32),
+    "pfeiffer": ("Pfeiffer adapter", Pfeiffer, 32),
+    "ia3": ("(IA)3", IA3, 32),
+    "prefix": ("prefix tuning n=20", Prefix, 32),
+    "prompt": ("prompt tuning n=20", Prompt, 32),
+    "bitfit": ("BitFit", BitFit, 32),
 }
 EIGHT_BIT_PAIRS = [("full", "full-8bit"), ("galore8", "galore8-8bit"),
                    ("gradnormlorp", "gradnormlorp-8bit")]

@@ -9,9 +9,11 @@ header says which.
   train      forward + loss + backward + AdamW step on the trainable parameters. The loss is the
              masked mean of the last hidden states through a fixed random linear map to a scalar,
              squared. Full fine-tuning, LoRA and DoRA (r=16 on attn_qkv and on all_linear), VeRA
-             (r=256, attn_qkv), each built in minBERT (minbert.peft) and in peft (`get_peft_model`
-             on `transformers.BertModel`, sdpa attention) with the same targets, rank and alpha;
-             the trainable-parameter counts are checked equal.
+             (r=256, attn_qkv), (IA)³, prompt tuning and prefix tuning (20 virtual tokens), each
+             built in minBERT (minbert.peft) and in peft (`get_peft_model` on
+             `transformers.BertModel`, sdpa attention) with the same settings; the
+             trainable-parameter counts are checked equal. Methods peft has no twin for (Houlsby
+             and Pfeiffer adapters, BitFit, LoRA r=8 on attn_qkv, their yardstick) run in minBERT.
   inference  forward only, eval mode, torch.inference_mode(): minBERT's base encoder, and minBERT
              with LoRA r=16 all_linear merged (`with merged(model):`, entered once for the whole
              run, so merging is not timed) and unmerged (a second copy of the same adapter).
@@ -58,9 +60,14 @@ from bench_encoder import (CHECKPOINT, _busy_cpu_seconds, make_batches, sst_sent
 from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint  # noqa: E402
 from minbert.model import BertModel  # noqa: E402
 from minbert.peft import adapter_layers, merged, trainable_params  # noqa: E402
+from minbert.peft.bitfit import BitFit  # noqa: E402
+from minbert.peft.bottleneck import Houlsby, Pfeiffer  # noqa: E402
 from minbert.peft.dora import Dora  # noqa: E402
 from minbert.peft.full import FullFinetune  # noqa: E402
+from minbert.peft.ia3 import IA3  # noqa: E402
 from minbert.peft.lora import Lora  # noqa: E402
+from minbert.peft.prefix import Prefix  # noqa: E402
+from minbert.peft.prompt import Prompt  # noqa: E402
 from minbert.peft.vera import Vera  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -71,7 +78,17 @@ TRAIN_METHODS = {  # row label -> method, built the same way for minBERT and for
     "DoRA r=16 attn_qkv": lambda: Dora(rank=16, alpha=32, targets="attn_qkv"),
     "DoRA r=16 all_linear": lambda: Dora(rank=16, alpha=32, targets="all_linear"),
     "VeRA r=256 attn_qkv": lambda: Vera(rank=256, targets="attn_qkv"),
+    "(IA)3": lambda: IA3(),
+    "prompt tuning n=20": lambda: Prompt(num_virtual_tokens=20),
+    "prefix tuning n=20": lambda: Prefix(num_virtual_tokens=20),
 }
+OURS_ONLY = {  # no peft twin: timed in minBERT, against LoRA r=8 attn_qkv where a target says so
+    "LoRA r=8 attn_qkv": lambda: Lora(rank=8, alpha=16, targets="attn_qkv"),
+    "Houlsby adapters": lambda: Houlsby(),
+    "Pfeiffer adapter": lambda: Pfeiffer(),
+    "BitFit": lambda: BitFit(),
+}
+AS_FAST_AS_LORA8 = ("(IA)3", "BitFit")  # targets: at least as fast as LoRA r=8 on qkv
 MERGED_TOLERANCE = 0.95  # merged inference must run at >= 95% of the base encoder's speed
 DORA_OVERHEAD = 1.15  # DoRA's step may take at most 15% longer than LoRA's on the same targets
 
@@ -85,8 +102,20 @@ def peft_model(method, hf_base, ours):
     hf = copy.deepcopy(hf_base)
     if isinstance(method, FullFinetune):
         return hf.requires_grad_(True)
+    if isinstance(method, Prompt):
+        return peft.get_peft_model(hf, peft.PromptTuningConfig(
+            task_type="FEATURE_EXTRACTION", num_virtual_tokens=method.num_virtual_tokens))
+    if isinstance(method, Prefix):
+        return peft.get_peft_model(hf, peft.PrefixTuningConfig(
+            task_type="FEATURE_EXTRACTION", num_virtual_tokens=method.num_virtual_tokens,
+            prefix_projection=method.prefix_projection,
+            encoder_hidden_size=method.projection_hidden))
     targets = sorted(minbert_to_hf_key(f"{n}.weight").removesuffix(".weight")
                      for n, _ in adapter_layers(ours))  # exact HF module names
+    if isinstance(method, IA3):
+        ff = [t for t in targets if t.endswith(".output.dense") and "attention" not in t]
+        return peft.get_peft_model(hf, peft.IA3Config(target_modules=targets,
+                                                      feedforward_modules=ff))
     if isinstance(method, Vera):
         cfg = peft.VeraConfig(r=method.rank, target_modules=targets, d_initial=method.d_initial,
                               projection_prng_key=method.seed, vera_dropout=0.0)
@@ -109,8 +138,9 @@ class TrainStep:
         self.session = contextlib.nullcontext  # what the whole benchmark runs inside
 
     def __call__(self, batch: dict) -> None:
-        h = self.model(**batch).last_hidden_state  # [B, T, H]
-        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)  # [B, T, 1]
+        mask = batch["attention_mask"].unsqueeze(-1)  # [B, T, 1]
+        h = self.model(**batch).last_hidden_state[:, -mask.shape[1]:]  # [B, T, H]: peft's prompt
+        mask = mask.to(h.dtype)  # tuning puts its virtual tokens in front: drop them
         pooled = (h * mask).sum(1) / mask.sum(1)  # [B, H]
         (pooled @ self.head).pow(2).mean().backward()
         self.opt.step()
@@ -146,6 +176,10 @@ def build_configs(hf_folder: Path) -> tuple[dict, list[str], dict]:
             raise RuntimeError(f"{row}: {params[row]} trainable parameters in minBERT but "
                                f"{n_trainable(theirs)} in peft; the comparison would be unfair")
         configs[row, "ours"], configs[row, "peft"] = TrainStep(ours, head), TrainStep(theirs, head)
+    for row, make in OURS_ONLY.items():
+        ours = make().apply(copy.deepcopy(base))
+        params[row] = n_trainable(ours)
+        configs[row, "ours"] = TrainStep(ours, head)
     lora = TRAIN_METHODS["LoRA r=16 all_linear"]().apply(copy.deepcopy(base))
     infer_rows = ["base encoder", "LoRA r=16 all_linear merged", "LoRA r=16 all_linear unmerged"]
     configs[infer_rows[0], "ours"] = InferStep(copy.deepcopy(base))
@@ -205,6 +239,9 @@ def report(seconds: dict, infer_rows: list[str], params: dict, n_examples: int) 
     for row in TRAIN_METHODS:
         print(f"{row:<28} {params[row]:>10,} {exs((row, 'ours')):>18} {exs((row, 'peft')):>18} "
               f"{paired(seconds, (row, 'peft'), (row, 'ours')):>10.3f}")
+    for row in OURS_ONLY:
+        print(f"{row:<28} {params[row]:>10,} {exs((row, 'ours')):>18} {'(no twin)':>18} "
+              f"{'':>10}")
     print(f"\n{'inference (minBERT only)':<28} {'':>10} {'ours ex/s (best)':>18} {'':>18} "
           f"{'vs base':>10}")
     print("-" * 88)
@@ -227,6 +264,9 @@ def report(seconds: dict, infer_rows: list[str], params: dict, n_examples: int) 
         r = paired(seconds, (f"DoRA r=16 {targets}", "ours"), (f"LoRA r=16 {targets}", "ours"))
         target(r <= DORA_OVERHEAD, f"ours DoRA/LoRA step time, {targets}: {r:.3f} <= "
                f"{DORA_OVERHEAD}")
+    for row in AS_FAST_AS_LORA8:
+        r = paired(seconds, ("LoRA r=8 attn_qkv", "ours"), (row, "ours"))
+        target(r >= 1.0, f"{row} / LoRA r=8 attn_qkv speed: {r:.3f} >= 1.0")
     r = paired(seconds, base, (infer_rows[1], "ours"))
     target(r >= MERGED_TOLERANCE, f"merged LoRA inference / base encoder = {r:.3f} >= "
            f"{MERGED_TOLERANCE} (tolerance {1 - MERGED_TOLERANCE:.0%})")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from minbert.errors import MinbertError
+from minbert.peft import check_mergeable
 from minbert.peft.merging import check_merge_options, default_options
 from tasks.data import load_task_data, resolve_root
 from trainers.experts import (MergedExperts, encoder_state, merge_experts, merged_weights,
@@ -49,6 +50,7 @@ def merge_settings(trainer, n: int, method: str | None, weights: list[float] | N
 def remerge(run_dir: Path, method: str | None, weights: list[float] | None, options: dict,
             data_root: str | None = None) -> dict[str, float]:
     saved = load_run(run_dir)
+    check_mergeable(saved.method, f"merge.py --method {method or 'linear'}")
     names = [t.name for t in saved.tasks]
     experts = read_experts(run_dir, names)
     method, weights, options = merge_settings(build(saved.cfg.trainer, "trainer"), len(names),

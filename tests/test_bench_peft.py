@@ -26,7 +26,8 @@ def test_quick_run_prints_table_and_targets(tmp_path, monkeypatch, capsys):
                           str(tmp_path)])  # no ids-sst-train.csv there: synthetic batches
     out = capsys.readouterr().out
     assert "data=synthetic" in out
-    for row in [*bench.TRAIN_METHODS, "base encoder", "LoRA r=16 all_linear merged"]:
+    for row in [*bench.TRAIN_METHODS, *bench.OURS_ONLY, "base encoder",
+                "LoRA r=16 all_linear merged"]:
         assert row in out
-    assert len(results) == len(bench.TRAIN_METHODS) + 3
+    assert len(results) == len(bench.TRAIN_METHODS) + len(bench.AS_FAST_AS_LORA8) + 3
     assert out.count("[PASS]") + out.count("[FAIL]") == len(results)

@@ -202,21 +202,21 @@ def test_fedavg_leaves_no_layer_merged_and_a_later_merge_works(compose_cfg, synt
     with result.weights("sst"):  # W0 + the merged ΔW, in every layer
         layer = layers[LAYER]
         assert layer.merged
-        torch.testing.assert_close(layer.weight, before[f"encoder.{LAYER}.weight"]
+        torch.testing.assert_close(layer.weight, before[f"encoder.{LAYER}.base_layer.weight"]
                                    + merged[f"encoder.{LAYER}.delta_weight"])
     assert not any(m.merged for m in layers.values())
     assert_same(snapshot(ctx.model), before)
     with torch.no_grad():
         layers[LAYER].lora_B.fill_(0.5)
     merge(ctx.model)  # the layer's own update folds in, as it would in any other run
-    torch.testing.assert_close(layers[LAYER].weight, before[f"encoder.{LAYER}.weight"]
+    torch.testing.assert_close(layers[LAYER].weight, before[f"encoder.{LAYER}.base_layer.weight"]
                                + layers[LAYER].delta_weight())
 
 
 class ExtraLora(LoraLinear):
     """LoRA with one more trained tensor that is not part of ΔW (a per-layer output shift)."""
 
-    adapter_names = ("lora_A", "lora_B", "shift")
+    adapter_tensors = ("lora_A", "lora_B", "shift")
     delta_names = ("lora_A", "lora_B")
 
     def __init__(self, base):
@@ -229,7 +229,7 @@ def test_a_merge_handles_every_trained_tensor(compose_cfg):
     is 1 and 3 merge (linear, 1/2 each) to 2, not back to the initial 0."""
     cfg = compose_cfg(["model=tiny"])
     model = build_model(cfg, get_tasks(["sst"]), Lora(rank=2, targets=["layers.0.attn.query"]))
-    replace_module(model.encoder, LAYER, ExtraLora(_plain(model, LAYER)))
+    replace_module(model.encoder, LAYER, ExtraLora(model.encoder.get_submodule(LAYER).base_layer))
     init = encoder_state(model)
     experts = []
     for value in (1.0, 3.0):
@@ -241,13 +241,6 @@ def test_a_merge_handles_every_trained_tensor(compose_cfg):
     assert merged[f"encoder.{LAYER}.shift"] == 2.0  # a task vector: 0 + (1 + 3) / 2
     want = 0.5 * sum(v * torch.ones(64, 2) @ init[f"encoder.{LAYER}.lora_A"] for v in (1, 3))
     torch.testing.assert_close(merged[f"encoder.{LAYER}.delta_weight"], want)
-
-
-def _plain(model, name):
-    layer = model.encoder.get_submodule(name)
-    base = torch.nn.Linear(layer.in_features, layer.out_features)
-    base.weight, base.bias = layer.weight, layer.bias
-    return base
 
 
 @pytest.mark.parametrize("merge_name,density", [("ties", 0.2), ("dare", 0.1)])

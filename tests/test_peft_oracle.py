@@ -17,14 +17,14 @@ import torch
 import transformers
 from torch import nn
 
-from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint
+from minbert.checkpoint import minbert_to_hf_key
 from minbert.peft import adapter_layers, trainable_params
 from minbert.peft.dora import DoraLinear
 from minbert.peft.io import export_peft
 from minbert.peft.lora import LoraLinear
 from minbert.peft.vera import Vera
-from peft_cases import (METHODS, PACKAGE, TINY, _base, base_encoder, batch, hidden, loss,
-                        method_ids, model_ids, perturb)
+from peft_cases import (METHODS, PACKAGE, base_encoder, batch, hf_base, hf_module_name,
+                        hidden, lora_family_ids, loss, model_ids, perturb)
 
 ATOL = 1e-4
 
@@ -32,19 +32,6 @@ ATOL = 1e-4
 @pytest.fixture(autouse=True)
 def _quiet():
     transformers.logging.set_verbosity_error()
-
-
-def hf_module_name(name: str) -> str:
-    return minbert_to_hf_key(f"{name}.weight").removesuffix(".weight")
-
-
-def hf_base(model: str) -> transformers.BertModel:
-    """transformers' BertModel holding exactly the weights of our base encoder."""
-    if model == "minilm":
-        return transformers.BertModel.from_pretrained(str(resolve_checkpoint(PACKAGE))).eval()
-    hf = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
-    hf.load_state_dict({minbert_to_hf_key(k): v for k, v in _base("tiny").state_dict().items()})
-    return hf
 
 
 def peft_config(method, targets: list[str]):
@@ -101,7 +88,7 @@ def test_vera_projections_are_peft_s_for_the_same_seed():
     assert torch.equal(layer.lambda_b, peft_layer.vera_lambda_b["default"])
 
 
-@method_ids
+@lora_family_ids
 @model_ids
 def test_hidden_states_and_gradients_match_peft(method, model):
     ours, pm = twins(method, model)

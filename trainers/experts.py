@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from minbert.errors import CheckpointError, ConfigError
-from minbert.peft import adapter_layers, adapter_state_dict, param_counts
+from minbert.peft import adapter_layers, adapter_state_dict, adapter_tensors, param_counts
 from minbert.peft.io import method_metadata, save_state
 from minbert.peft.lora import LoraLinear
 from minbert.peft.merging import (MERGES, MergeError, check_merge_options, default_options,
@@ -126,7 +126,8 @@ class ExpertTrainer(SequentialTrainer):
     def start(self, ctx: RunContext) -> None:
         self._start = {n: t.clone() for n, t in adapter_state_dict(ctx.model).items()}  # + heads
         self._init = encoder_state(ctx.model)
-        save_state({n: t for n, t in self._init.items() if _is_adapter_tensor(ctx.model, n)},
+        drawn = adapter_tensors(ctx.model)
+        save_state({n: t for n, t in self._init.items() if n in drawn},
                    ctx.run_dir / EXPERTS_DIR / INIT_FILE, method_metadata(ctx.method))
 
     def prepare(self, ctx: RunContext, index: int) -> None:
@@ -182,6 +183,7 @@ class MergedExperts(ExpertTrainer):
     (ties: 0.2, dare: 0.1 when not given, see `minbert.peft.merging.DEFAULTS`), `scale`)."""
 
     default_weight: Callable[[int], float] = staticmethod(lambda n: 1.0 / n)
+    merges = "trainer=fedavg"  # what needs a mergeable PEFT method (minbert.peft.check_mergeable)
 
     def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
                  max_grad_norm: float | None = None, merge: str = "linear",
@@ -225,30 +227,40 @@ class MergedExperts(ExpertTrainer):
 
 def merge_experts(model, init: State, experts: list[State], method: str, weights: list[float],
                   options: dict) -> State:
-    """Merges the experts' updates: each adapter layer's ΔW formed exactly per expert, then merged;
-    every other tensor an expert changed (biases under bias=all, full fine-tuning's weights, an
-    adapter tensor outside ΔW) merged as a task vector τ_i = θ_i - θ0. Returns the merged ΔW (as
-    `<layer>.delta_weight`) and the merged task vectors, by name; the model is left as it was."""
+    """Merges the experts' updates: each adapter layer's ΔW (and Δb) formed exactly per expert,
+    then merged; every other tensor an expert changed (biases under bias=all, full fine-tuning's
+    weights, an adapter tensor outside ΔW) merged as a task vector τ_i = θ_i - θ0. Returns the
+    merged updates (as `<layer>.delta_weight`, `<layer>.delta_bias`) and the merged task vectors,
+    by name; the model is left as it was."""
     layer_deltas, vectors = [], []
     in_delta = _delta_tensors(model)
     with preserved(model, {n for e in experts for n in e}):
         for state in experts:
             load_state(model, state)
-            layer_deltas.append({n: m.delta_weight().detach()
-                                 for n, m in adapter_layers(model.encoder)})
+            layer_deltas.append(_layer_updates(model))
             vectors.append({n: state[n] - t for n, t in init.items() if n not in in_delta})
     merged_layers = merge_deltas(method, layer_deltas, weights, **options) if layer_deltas[0] else {}
     merged_vectors = merge_deltas(method, vectors, weights, **options) if vectors[0] else {}
-    return {**{f"encoder.{n}.delta_weight": d for n, d in merged_layers.items()}, **merged_vectors}
+    return {**{f"encoder.{n}": d for n, d in merged_layers.items()}, **merged_vectors}
+
+
+def _layer_updates(model) -> State:
+    updates = {}
+    for name, layer in adapter_layers(model.encoder):
+        dw, db = layer.delta()
+        updates[f"{name}.delta_weight"] = dw.detach()
+        if db is not None:
+            updates[f"{name}.delta_bias"] = db.detach()
+    return updates
 
 
 def merged_weights(model, merged: State, heads: State) -> TaskWeights:
-    """For a `with`: θ0 + the merged task vectors, each adapter layer merged with the merged ΔW,
-    and every head from its own expert; on exit the layers are unmerged and the model restored."""
-    suffix = ".delta_weight"
-    deltas = {n.removeprefix("encoder.").removesuffix(suffix): t for n, t in merged.items()
-              if n.endswith(suffix)}
-    vectors = {n: t for n, t in merged.items() if not n.endswith(suffix)}
+    """For a `with`: θ0 + the merged task vectors, each adapter layer merged with the merged ΔW
+    (and Δb), and every head from its own expert; on exit the layers are unmerged and the model
+    restored."""
+    suffixes = (".delta_weight", ".delta_bias")
+    updates = {n.removeprefix("encoder."): t for n, t in merged.items() if n.endswith(suffixes)}
+    vectors = {n: t for n, t in merged.items() if not n.endswith(suffixes)}
 
     @contextmanager
     def weights(task: str):
@@ -257,33 +269,29 @@ def merged_weights(model, merged: State, heads: State) -> TaskWeights:
             stack.enter_context(loaded(model, {**{n: tensors[n] + v for n, v in vectors.items()},
                                                **heads}))
             layers = dict(adapter_layers(model.encoder))
-            if set(layers) != set(deltas):
-                raise CheckpointError("the merged deltas do not fit the model's adapter layers: "
-                                      f"{sorted(set(layers) ^ set(deltas))[:3]}")
+            if {f"{n}.delta_weight" for n in layers} != {n for n in updates
+                                                          if n.endswith(suffixes[0])}:
+                raise CheckpointError("the merged deltas do not fit the model's adapter layers")
             for name, layer in layers.items():
-                layer.merge(deltas[name])
+                layer.merge(updates[f"{name}.delta_weight"], updates.get(f"{name}.delta_bias"))
                 stack.callback(layer.unmerge)
             yield model
 
     return weights
 
 
-def _is_adapter_tensor(model, name: str) -> bool:
-    module, _, leaf = name.rpartition(".")
-    return leaf in getattr(model.get_submodule(module), "adapter_names", ())
-
-
 def _delta_tensors(model) -> set[str]:
     """Full names of the tensors the adapter layers' ΔW are made of (`AdapterLinear.delta_names`)."""
     return {f"encoder.{name}.{leaf}" for name, layer in adapter_layers(model.encoder)
             for leaf in (layer.delta_names if layer.delta_names is not None
-                         else layer.adapter_names)}
+                         else layer.adapter_params())}
 
 
 class OrthogonalAdaptation(MergedExperts):
     """`trainer=orthoada`: frozen orthogonal B_i blocks, trained A_i, merged by summing."""
 
     default_weight = staticmethod(lambda n: 1.0)
+    merges = "trainer=orthoada"
 
     def __init__(self, optimizer: Callable, seed: int = 0, **kwargs):
         super().__init__(optimizer, **kwargs)

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from minbert.durable import RunLock, fault_point, write_json
-from minbert.peft import param_counts
+from minbert.peft import check_mergeable, param_counts
 from tasks.data import load_task_data, resolve_root
 from trainers.build import (build, build_method, build_model, encode_data, resolve_device,
                             run_tasks, seed_everything)
@@ -43,6 +43,8 @@ def setup(cfg: DictConfig, run_dir: str | Path):
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
     tasks = run_tasks(cfg, trainer)
     method = build_method(cfg)
+    if getattr(trainer, "merges", None):
+        check_mergeable(method, trainer.merges)  # before any data is read or a step is taken
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
     device = resolve_device(cfg.device)

@@ -1,34 +1,52 @@
 """Parameter-efficient fine-tuning methods for minBERT, one module per method.
 
-The contract is small (after torchtune): a method is any object with `apply(encoder) -> encoder`
-that transforms the encoder in place and leaves `requires_grad=True` on exactly the parameters it
-trains. Methods that adapt Linear layers swap them for `AdapterLinear`s (`minbert.peft.layer`),
-which know their update ΔW and can merge it. Free functions read all of that back, whatever the
-method: `trainable_params`, `param_counts`, `merge`/`unmerge`/`merged`, `adapter_state_dict`.
-Methods are built from config by Hydra (`peft=lora`, `peft=dora`, ...), so adding one is adding a
-module and a `conf/peft/<name>.yaml`.
+The contract is small and made of separate capabilities (after torchtune's adapter protocol):
 
-| method  | module     | paper                        |
-|---------|------------|------------------------------|
-| none    | full.py    | Devlin et al., 2019          |
-| lora    | lora.py    | Hu et al., 2021              |
-| lora_fa | lora_fa.py | Zhang et al., 2023           |
-| dora    | dora.py    | Liu et al., 2024             |
-| vera    | vera.py    | Kopiczko et al., 2024        |
-| galore  | galore.py  | Zhao et al., 2024            |
-| gradnormlorp | gradnormlorp.py | Huang et al., 2025  |
+- a method (`PeftMethod`) is any object with `apply(encoder) -> encoder` that transforms the
+  encoder in place and leaves `requires_grad=True` on exactly the parameters it trains;
+- a module a method adds is an `AdapterModule`: `adapter_params()` names the tensors it trains or
+  draws at random, which adapter files save (`adapter_state_dict`);
+- a module whose update folds into base weights is also `Mergeable`: `delta()` (ΔW, Δb),
+  `merge()`, `unmerge()`. Methods that adapt Linear layers wrap them in `AdapterLinear`s
+  (`minbert.peft.layer`), which are. A method whose update cannot fold in (bottleneck adapters,
+  prefix and prompt tuning) says why in `not_mergeable`; `check_mergeable` turns that into an error
+  for anything that needs merging (FedAvg, OrthoAda, TIES/DARE, merged evaluation, peft export);
+- a method may hook into training (`trainers.loop`): `extra_loss`, `after_step`,
+  `param_groups`, `state_dict`/`load_state_dict`.
+
+Free functions read all of that back, whatever the method: `trainable_params`, `param_counts`,
+`merge`/`unmerge`/`merged`, `adapter_state_dict`. Methods are built from config by Hydra
+(`peft=lora`, `peft=ia3`, ...), so adding one is adding a module and a `conf/peft/<name>.yaml`.
+
+| method       | module          | family                 | paper                         |
+|--------------|-----------------|------------------------|-------------------------------|
+| none         | full.py         | full fine-tuning       | Devlin et al., 2019           |
+| lora         | lora.py         | reparameterisation     | Hu et al., 2021               |
+| lora_fa      | lora_fa.py      | reparameterisation     | Zhang et al., 2023            |
+| dora         | dora.py         | reparameterisation     | Liu et al., 2024              |
+| vera         | vera.py         | reparameterisation     | Kopiczko et al., 2024         |
+| houlsby      | bottleneck.py   | adapters               | Houlsby et al., 2019          |
+| pfeiffer     | bottleneck.py   | adapters               | Pfeiffer et al., 2021         |
+| ia3          | ia3.py          | activation scaling     | Liu et al., 2022              |
+| prefix       | prefix.py       | prompt-based           | Li & Liang, 2021              |
+| prompt       | prompt.py       | prompt-based           | Lester et al., 2021           |
+| bitfit       | bitfit.py       | selective              | Ben Zaken et al., 2022        |
+| galore       | galore.py       | memory-efficient       | Zhao et al., 2024             |
+| gradnormlorp | gradnormlorp.py | memory-efficient       | Huang et al., 2025            |
 
 GaLore and GradNormLoRP also shape the optimizer: they add `param_groups(model, groups)`, which
 tags the parameters whose gradients are projected (`trainers/optim.py` builds GaLoreAdamW then).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from minbert.errors import ConfigError
 from minbert.peft.layer import AdapterLinear, replace_module
 
 
@@ -37,6 +55,37 @@ class PeftMethod(Protocol):
     def apply(self, encoder: nn.Module) -> nn.Module:
         """Transforms `encoder` in place and marks the parameters it trains."""
         ...
+
+
+@runtime_checkable
+class AdapterModule(Protocol):
+    def adapter_params(self) -> tuple[str, ...]:
+        """The local names of the tensors this module trains or draws (and so saves)."""
+        ...
+
+
+@runtime_checkable
+class Mergeable(Protocol):
+    merged: bool
+
+    def delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ΔW [out, in], Δb [out] or None): the update the module folds into its base."""
+        ...
+
+    def merge(self) -> None: ...
+
+    def unmerge(self) -> None: ...
+
+
+def check_mergeable(method, wanted: str) -> None:
+    """A ConfigError naming the method and the reason, if `wanted` (say `trainer=fedavg`) needs
+    the method's update to fold into the base weights and it does not."""
+    reason = getattr(method, "not_mergeable", None)
+    if reason:
+        name = getattr(method, "name", type(method).__name__)
+        raise ConfigError(f"{wanted} merges in weight space, which peft={name} cannot: {reason}. "
+                          "Use a method whose update folds into the weights (lora, dora, vera, "
+                          "ia3, bitfit, none, ...) or another trainer")
 
 
 def trainable_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -63,7 +112,13 @@ def set_trainable(model: nn.Module, names: set[str]) -> None:
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """The mergeable adapter layers (`AdapterLinear`s), by module name."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear))
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module a method added (an `AdapterModule`), by module name."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule))
 
 
 def merge(model: nn.Module) -> None:
@@ -96,20 +151,36 @@ def merged(model: nn.Module, enabled: bool = True):
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Folds every adapter in for good and puts plain `nn.Linear`s back: the base architecture
     with the fine-tuned weights, for deployment or for `transformers`."""
+    live = [n for n, m in adapter_modules(model)
+            if not isinstance(m, AdapterLinear) and not getattr(m, "used_by_layers", False)]
+    if live:
+        raise ConfigError(f"cannot merge and unload {live[0]}: its update does not fold into the "
+                          "base weights, so the base architecture cannot hold it")
     for name, layer in list(adapter_layers(model)):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=layer.weight.device, dtype=layer.weight.dtype)
-        linear.weight.copy_(layer.weight + (0 if layer.merged else layer.delta_weight()))
+        was_merged = layer.merged
+        layer.merge()
+        linear.weight.copy_(layer.weight)
         linear.weight.requires_grad_(False)
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
             linear.bias.requires_grad_(layer.bias.requires_grad)
+        if not was_merged:
+            layer.unmerge()
         replace_module(model, name, linear)
-    for name, m in list(model.named_modules()):
-        if getattr(m, "adapter_names", None) and name:  # shared tensors such as VeRA's
+    for name, m in list(adapter_modules(model)):
+        if name:  # what is left: shared tensors such as VeRA's
             parent, _, child = name.rpartition(".")
             delattr(model.get_submodule(parent) if parent else model, child)
     return model
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the methods' modules name in `adapter_params()`, by full name."""
+    return {f"{prefix}.{local}" if prefix else local: functools.reduce(getattr, local.split("."),
+                                                                       module)
+            for prefix, module in adapter_modules(model) for local in module.adapter_params()}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,8 +188,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     parameter (adapters, biases under `bias=all`, task heads) plus the frozen tensors methods add
     (LoRA-FA's A, VeRA's shared projections). For full fine-tuning that is the whole model."""
     state = {n: p for n, p in trainable_params(model)}
-    for prefix, module in model.named_modules():
-        for local in getattr(module, "adapter_names", ()):
-            tensor = getattr(module, local)
-            state.setdefault(f"{prefix}.{local}" if prefix else local, tensor)
+    for name, tensor in adapter_tensors(model).items():
+        state.setdefault(name, tensor)
     return {n: t.detach() for n, t in state.items()}

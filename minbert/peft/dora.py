@@ -24,9 +24,9 @@ from minbert.peft.lora import Lora, LoraLinear
 
 
 class DoraLinear(LoraLinear):
-    adapter_names = ("lora_A", "lora_B", "magnitude")
+    adapter_tensors = ("lora_A", "lora_B", "magnitude")
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int, scaling: float, dropout: float = 0.0):
         super().__init__(base, rank, scaling, dropout)
         self.magnitude = nn.Parameter(self.weight_norm())  # [out] = ||W0||_c (B = 0)
 
@@ -46,12 +46,14 @@ class DoraLinear(LoraLinear):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.weight_norm()  # [out]
+        y = self.base_layer(x)  # x W0ᵀ + b, [N, out]: the one call of the base layer
         if self.training and not isinstance(self.dropout, nn.Identity):
             dx = self.dropout(x)  # one mask for both terms, as in the paper's code
-            y = F.linear(x, self.weight, self.bias)
             lora = F.linear(F.linear(dx, self.lora_A), self.lora_B)  # [N, out]
             return y + (scale - 1) * F.linear(dx, self.weight) + scale * self.scaling * lora
-        y = low_rank_update(F.linear(x, self.weight), F.linear(x, self.lora_A), self.lora_B,
+        if self.bias is not None:
+            y = y - self.bias  # x W0ᵀ
+        y = low_rank_update(y, F.linear(x, self.lora_A), self.lora_B,
                             self.scaling)  # x (W0 + s B A)ᵀ, [N, out]
         return y * scale if self.bias is None else torch.addcmul(self.bias, y, scale)
 

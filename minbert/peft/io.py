@@ -92,10 +92,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
 def _peft_name(name: str, adapted: set[str]) -> str:
     """minBERT parameter name -> the key peft saves for `transformers.BertModel`."""
     module, _, leaf = name.rpartition(".")
+    if module.endswith(".base_layer"):  # an adapted layer's own weight or bias
+        module, leaf = module.removesuffix(".base_layer"), f"base_layer.{leaf}"
     hf_module = minbert_to_hf_key(f"{module}.weight").removesuffix(".weight")
     if module in adapted:
         leaf = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
-                "magnitude": "lora_magnitude_vector"}.get(leaf, f"base_layer.{leaf}")
+                "magnitude": "lora_magnitude_vector"}.get(leaf, leaf)
     return f"{PEFT_PREFIX}{hf_module}.{leaf}"
 
 

@@ -1,14 +1,15 @@
-"""What every weight-update adapter shares: choosing the Linear layers to adapt, and a Linear whose
-frozen weight can take its update folded in (merge) and back out (unmerge).
+"""What every weight-update adapter shares: choosing the Linear layers to adapt, and an adapter
+around a Linear whose update can be folded into its weights (merge) and back out (unmerge).
 
-An adapted layer keeps the base layer's `weight` and `bias` under their own names, so
-`layers.0.attn.query.weight` stays the checkpoint's key whether or not the layer is adapted, and
-methods only add tensors beside it (`lora_A`, `lora_B`, `magnitude`, ...). A method names those in
-`adapter_names`; `minbert.peft.adapter_state_dict` reads them back for saving. The layout follows
-peft's tuner layers (Mangrulkar et al., 2022), without the multi-adapter bookkeeping.
+An adapted layer wraps its base layer (`base_layer`, as peft's tuner layers do; Mangrulkar et
+al., 2022) and calls it once in its forward, so a method never re-implements the base Linear and
+a quantized base drops in. Methods add tensors beside it (`lora_A`, `lora_B`, `magnitude`, ...)
+and name them in `adapter_tensors`, which `adapter_params()` returns (the `AdapterModule`
+capability of `minbert.peft`); `delta()`, `merge()` and `unmerge()` are the `Mergeable` one.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 
 import torch
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minbert.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # `peft.targets` presets over minBERT's module names (`layers.{i}.attn.query`, `layers.{i}.ffn.up`).
 TARGET_PRESETS = {
@@ -84,58 +87,95 @@ def train_biases(model: nn.Module, bias: str) -> None:
 
 
 class AdapterLinear(nn.Module, ABC):
-    """A frozen Linear plus an update ΔW that a subclass defines by `delta_weight` (the update in
-    weight space, [out, in]) and `adapter_forward` (the output of the unmerged layer).
+    """A frozen base Linear plus an update (ΔW, Δb) that a subclass defines by `delta_weight` (the
+    update in weight space, [out, in]), optionally `delta_bias` ([out]), and `adapter_forward`
+    (the unmerged output, which calls `self.base_layer` once).
 
-    `merge` folds ΔW into `weight` and keeps the frozen W0 aside, so that `unmerge` restores it
-    bit for bit (no drift from repeated merge-for-eval cycles). A merged layer is a plain Linear."""
+    `merge` folds the update into the base layer's weight (and bias) and keeps the frozen values
+    aside, so that `unmerge` restores them bit for bit (no drift from repeated merge-for-eval
+    cycles). A merged layer is its base layer."""
 
-    adapter_names: tuple[str, ...] = ()
-    # The adapter tensors ΔW is made of (None: all of `adapter_names`). A merge of experts forms ΔW
-    # from these, and merges any other tensor of the layer as a task vector (`trainers.experts`).
+    adapter_tensors: tuple[str, ...] = ()  # the tensors the method adds (trained or drawn)
+    # The adapter tensors ΔW is made of (None: all of `adapter_tensors`). A merge of experts forms
+    # ΔW from these, and merges any other tensor of the layer as a task vector (`trainers.experts`).
     delta_names: tuple[str, ...] | None = None
 
-    def __init__(self, base: nn.Linear, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # [out, in], frozen
-        self.bias = base.bias  # [out], frozen unless the method's `bias=all` trains it
+        self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._unmerged_weight: torch.Tensor | None = None
+        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._quantized: nn.Module | None = None  # a quantized base, aside while merged
         self.train(base.training)
 
     @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight  # [out, in], frozen
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias  # [out], frozen unless the method's `bias=all` trains it
+
+    def adapter_params(self) -> tuple[str, ...]:
+        return self.adapter_tensors
+
+    @property
     def merged(self) -> bool:
-        return self._unmerged_weight is not None
+        return self._unmerged is not None
 
     @abstractmethod
     def delta_weight(self) -> torch.Tensor:
         """ΔW, [out, in]: the update this layer adds to its frozen weight."""
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Δb, [out], for methods whose update reaches the bias ((IA)³ on keys and values)."""
+        return None
+
+    def delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.delta_weight(), self.delta_bias()
 
     @abstractmethod
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unmerged layer's output, [N, out] for x [N, in]."""
 
     @torch.no_grad()
-    def merge(self, delta: torch.Tensor | None = None) -> None:
-        """Folds ΔW in: this layer's own, or a given [out, in] `delta` (a merge of experts)."""
+    def merge(self, delta_weight: torch.Tensor | None = None,
+              delta_bias: torch.Tensor | None = None) -> None:
+        """Folds the update in: this layer's own, or a given [out, in] ΔW (and [out] Δb), as a
+        merge of experts gives."""
         if self.merged:
             return
-        merged = self.weight + (self.delta_weight() if delta is None else delta.to(self.weight))
-        self._unmerged_weight, self.weight.data = self.weight.data, merged
+        own = delta_weight is None and delta_bias is None
+        dw, db = self.delta() if own else (delta_weight, delta_bias)
+        if hasattr(self.base_layer, "dequantized"):  # a quantized base cannot hold W0 + ΔW
+            log.info("merging into the dequantized weights of a quantized layer (held in fp32 "
+                     "while merged; unmerge puts the quantized layer back)")
+            self._quantized, self.base_layer = self.base_layer, self.base_layer.dequantized()
+        weight, bias = self.weight, self.bias
+        self._unmerged = (weight.data, bias.data if db is not None else None)
+        if dw is not None:
+            weight.data = weight + dw.to(weight)
+        if db is not None:
+            bias.data = bias + db.to(bias)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.data, self._unmerged_weight = self._unmerged_weight, None
+            self.weight.data, bias = self._unmerged
+            if bias is not None:
+                self.bias.data = bias
+            self._unmerged = None
+            if self._quantized is not None:
+                self.base_layer, self._quantized = self._quantized, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             if self.training and torch.is_grad_enabled():
                 raise RuntimeError("this adapter layer is merged; unmerge it before training")
-            return F.linear(x, self.weight, self.bias)
+            return self.base_layer(x)
         return self.adapter_forward(x)
 
     def extra_repr(self) -> str:

@@ -26,12 +26,12 @@ from minbert.peft.layer import (AdapterLinear, adapt, check_options, low_rank_up
 class LoraLinear(AdapterLinear):
     """y = x W0ᵀ + b + s · (drop(x) Aᵀ) Bᵀ."""
 
-    adapter_names = ("lora_A", "lora_B")
+    adapter_tensors = ("lora_A", "lora_B")
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, rank: int, scaling: float, dropout: float = 0.0,
                  train_A: bool = True):
         super().__init__(base, dropout)
-        w = base.weight
+        w = self.weight
         self.scaling = scaling
         self.lora_A = nn.Parameter(w.new_empty(rank, self.in_features), requires_grad=train_A)
         self.lora_B = nn.Parameter(w.new_zeros(self.out_features, rank))
@@ -41,7 +41,7 @@ class LoraLinear(AdapterLinear):
         return self.scaling * (self.lora_B @ self.lora_A)  # [out, r] @ [r, in] -> [out, in]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [N, in] -> [N, out]
+        y = self.base_layer(x)  # [N, in] -> [N, out]
         h = F.linear(self.dropout(x), self.lora_A)  # [N, in] -> [N, r]
         return low_rank_update(y, h, self.lora_B, self.scaling)
 

@@ -31,7 +31,10 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 class VeraProjections(nn.Module):
     """The shared frozen pair, registered once on the encoder (`encoder.vera`)."""
 
-    adapter_names = ("vera_A", "vera_B")
+    used_by_layers = True  # only the VeraLinears read it: merged into them, it can go
+
+    def adapter_params(self) -> tuple[str, ...]:
+        return ("vera_A", "vera_B")  # frozen, but drawn at random: saved with the adapter
 
     def __init__(self, rank: int, in_max: int, out_max: int, seed: int):
         super().__init__()
@@ -43,15 +46,15 @@ class VeraProjections(nn.Module):
 class VeraLinear(AdapterLinear):
     """y = x W0ᵀ + b + λ_b ⊙ ((λ_d ⊙ drop(x) Aᵀ) Bᵀ)."""
 
-    adapter_names = ("lambda_b", "lambda_d")
+    adapter_tensors = ("lambda_b", "lambda_d")
 
-    def __init__(self, base: nn.Linear, projections: VeraProjections, dropout: float,
+    def __init__(self, base: nn.Module, projections: VeraProjections, dropout: float,
                  d_initial: float):
         super().__init__(base, dropout)
         self.__dict__["projections"] = projections  # shared, so not registered as a child
         rank = projections.vera_A.shape[0]
-        self.lambda_b = nn.Parameter(base.weight.new_zeros(self.out_features))
-        self.lambda_d = nn.Parameter(base.weight.new_full((rank,), d_initial))
+        self.lambda_b = nn.Parameter(self.weight.new_zeros(self.out_features))
+        self.lambda_d = nn.Parameter(self.weight.new_full((rank,), d_initial))
 
     def _A_B(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.projections
@@ -63,7 +66,7 @@ class VeraLinear(AdapterLinear):
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self._A_B()
-        y = F.linear(x, self.weight, self.bias)  # [N, out]
+        y = self.base_layer(x)  # [N, out]
         h = F.linear(self.dropout(x), A) * self.lambda_d  # [N, r]
         return torch.addcmul(y, F.linear(h, B), self.lambda_b)
 
@@ -81,6 +84,7 @@ class Vera:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "vera"
+    layer: ClassVar[type] = VeraLinear  # what each targeted Linear becomes (DVoRA: DvoraLinear)
 
     def __post_init__(self):
         check_options(self)
@@ -90,6 +94,6 @@ class Vera:
         out_max, in_max = (max(w.shape[i] for w in weights) for i in (0, 1))
         encoder.vera = VeraProjections(self.rank, in_max, out_max, self.seed).to(weights[0])
         adapt(encoder, self.targets,
-              lambda linear: VeraLinear(linear, encoder.vera, self.dropout, self.d_initial))
+              lambda linear: self.layer(linear, encoder.vera, self.dropout, self.d_initial))
         train_biases(encoder, self.bias)
         return encoder
