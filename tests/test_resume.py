@@ -94,6 +94,9 @@ def resume_until_done(root: Path, run_dir: Path, *overrides: str, faults=()) -> 
     (["peft=lora"], "step@5"),
     (["peft=lora", "trainer=eoe"], "adapter-written@2"),
     (["peft=galore", "optim.state_bits=8", "peft.update_proj_gap=3"], "step@7"),
+    (["peft=adalora", "peft.tinit=2", "peft.deltaT=2"], "step@7"),
+    (["peft=dylora", "trainer=eoe"], "step@8"),
+    (["peft=qlora"], "step@5"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else v)
 def test_a_kill_at_a_fault_point_resumes_bit_identically(root, reference, tmp_path, overrides,
                                                         fault):

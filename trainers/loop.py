@@ -8,11 +8,13 @@ resumed run draws exactly the batches an uninterrupted one would), and where the
 phase is kept. `train` returns the strategy's `FitResult`: the best epoch and score, and
 `weights(task)`, the context in which the model holds the weights that score a task.
 
-A PEFT method may hook into the step with optional methods (torchtune's capabilities): an extra
-loss term `extra_loss(model)` (AdaLoRA's orthogonality penalty), `after_step(model, step,
-total_steps)` after each optimizer step (AdaLoRA's rank allocation, DyLoRA's rank sampling),
-`param_groups(model, groups)` for its optimizer groups (trainers.optim), and `state_dict()` /
-`load_state_dict()` for its own state in checkpoints.
+A PEFT method may hook into training with optional methods (torchtune's capabilities): an extra
+loss term `extra_loss(model)` (AdaLoRA's orthogonality penalty), `start_training(model,
+total_steps, generator)` when a phase begins (AdaLoRA's fresh budget, DyLoRA's first rank),
+`after_step(model, step, total_steps, generator)` after each optimizer step, the gradients still
+there (AdaLoRA's rank allocation, DyLoRA's rank sampling; `step` counts from 0 within the phase,
+`generator` is the run's), `param_groups(model, groups)` for its optimizer groups
+(trainers.optim), and `state_dict()` / `load_state_dict()` for its own state in checkpoints.
 """
 from __future__ import annotations
 
@@ -109,10 +111,14 @@ class Strategy(ABC):
         """Once per process, before any phase begins or any checkpoint is loaded."""
 
     def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
-        """Builds the phase's optimizer (and whatever else a phase starts with)."""
+        """Builds the phase's optimizer and tells the method a phase of training begins."""
         from trainers.optim import build_optimizer
         state.optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
                                           ctx.state_bits)
+        start = getattr(ctx.method, "start_training", None)
+        if start:
+            total = self.steps_per_epoch(ctx, self.phases(ctx)[index]) * self.epochs
+            start(ctx.model, total, ctx.generator)
 
     def steps_per_epoch(self, ctx: RunContext, tasks: list[Task]) -> int:
         return sum(ctx.data["train"][t.name].num_batches(ctx.batch_size) for t in tasks)
@@ -198,7 +204,7 @@ def train_step(ctx: RunContext, state: TrainState, step: Step, max_grad_norm: fl
                                                       state.epoch_step + 1)
     after = getattr(ctx.method, "after_step", None)
     if after:
-        after(ctx.model, state.phase_step, total_steps)
+        after(ctx.model, state.phase_step - 1, total_steps, ctx.generator)
     for task, value in losses:
         total, count = state.epoch_losses.get(task.name, (0.0, 0))
         state.epoch_losses[task.name] = [total + value, count + 1]

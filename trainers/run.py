@@ -118,6 +118,22 @@ def train_and_finish(trainer, logger, ctx: RunContext, state: TrainState) -> flo
     return metrics["dev/overall"]
 
 
+def method_reports(ctx: RunContext) -> dict[str, float]:
+    """What the PEFT method adds to metrics.json: dev scores of its variants (`variants()`: say
+    DyLoRA's every rank, keys `<variant>/<metric>`) and its own numbers (`report(model, run_dir)`:
+    say AdaLoRA's final ranks), each with its figures."""
+    method, out = ctx.method, {}
+    for label, context in (getattr(method, "variants", dict)() or {}).items():
+        with context:
+            scores, _ = evaluate(ctx, "dev")
+        out.update({f"{label}/{k}": v for k, v in scores.items()})
+    if out and hasattr(method, "report_variants"):
+        method.report_variants(out, ctx.run_dir)
+    if hasattr(method, "report"):
+        out.update(method.report(ctx.model, ctx.run_dir))
+    return out
+
+
 def finish(ctx: RunContext, counts: dict, losses: list) -> dict:
     """Scores the best state on dev, writes predictions for dev and test, and `metrics.json`
     (dev scores, then `counts`: parameter and memory accounting), last."""
@@ -130,6 +146,7 @@ def finish(ctx: RunContext, counts: dict, losses: list) -> dict:
             write_predictions(ctx.run_dir, task, "test-student", test.split.ids,
                               predict_task(ctx, task, test))
     metrics.update(counts)
+    metrics.update(method_reports(ctx))
     fault_point("before-metrics")
     write_json(ctx.run_dir / METRICS_FILE, metrics)
     plot_training(ctx.run_dir, losses)  # after metrics.json: a plotting failure loses nothing

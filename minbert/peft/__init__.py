@@ -95,8 +95,10 @@ def trainable_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 def param_counts(model: nn.Module) -> dict[str, float]:
     """The report's "Parameters updated": trainable over all parameters (base, adapters and
-    heads), in percent. Frozen random projections (VeRA's) are buffers, not parameters."""
+    heads), in percent. Frozen random projections (VeRA's) are buffers, not parameters; a
+    quantized base weight (QLoRA's) counts as the parameters it stands for (`frozen_numel`)."""
     total = sum(p.numel() for p in model.parameters())
+    total += sum(getattr(m, "frozen_numel", 0) for m in model.modules())
     trainable = sum(p.numel() for _, p in trainable_params(model))
     return {"params/trainable": trainable, "params/total": total,
             "params/updated_pct": 100.0 * trainable / total if total else 0.0}

@@ -103,7 +103,12 @@ def _peft_name(name: str, adapted: set[str]) -> str:
 
 def export_peft(encoder: nn.Module, method: Lora, out_dir: str | Path,
                 base_model: str | None = None) -> Path:
-    """Writes `encoder`'s LoRA / LoRA-FA / DoRA adapter in peft's format to `out_dir`."""
+    """Writes `encoder`'s LoRA / LoRA-FA / DoRA adapter (or a bridged peft tuner, `peft=peft`) in
+    peft's format to `out_dir`."""
+    from minbert.peft.bridge import PeftBridge, export_bridge
+
+    if isinstance(method, PeftBridge):
+        return export_bridge(encoder, method, out_dir, base_model)
     layers = dict(adapter_layers(encoder))
     if not isinstance(method, Lora) or not all(isinstance(m, LoraLinear) for m in layers.values()):
         raise CheckpointError(f"peft export supports lora, lora_fa and dora, not "
