@@ -15,7 +15,15 @@ which goes first), and the table reports the median examples/s over the rounds, 
 (other processes, turbo, thermal) hits both alike. The ratio ours/HF is the median over all
 batches and rounds of t_HF / t_ours for the same batch timed back to back, the statistic least
 moved by a noisy neighbour (>= 1.0: minBERT is at least as fast); the ratio of the median ex/s is
-printed beside it. The last line says how much CPU other processes took during the run.
+printed beside it.
+
+The limit: the same run measures this machine's matrix-multiply peak (`torch.mm` of square
+matrices, fp32 and bf16, the best of a few) and, timed interleaved with the rest, minBERT's
+training step in fp32 and under bf16 autocast; it prints the GFLOP/s each step achieves as a share
+of the peak for its precision, counting 6 x linear parameters x real tokens (forward and backward)
+plus attention's 12 x layers x batch x T^2 x hidden (padded T), and the bf16 step's speed-up. The
+targets: the bf16 step at >= 40 % of the bf16 peak and >= 1.8x the fp32 step's examples/s. The
+last line says how much CPU other processes took during the run.
 
 Usage:
   python scripts/bench_encoder.py                         # CPU, all torch threads
@@ -137,7 +145,68 @@ def bench(models: dict, mode: str, batches: list[dict], rounds: int, device):
     return results, paired
 
 
-def main() -> None:
+class Autocast(torch.nn.Module):
+    """The same encoder, its forward (and so its backward) under bf16 autocast."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device_type = model, device.type
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(*args, **kwargs)
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` multiplications of two n x n matrices."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_flops(model: BertModel, batches: list[dict]) -> float:
+    """FLOPs of forward + backward over the batches: 6 x linear parameters x real tokens, plus
+    attention's QK^T and AV, 4 T^2 H per layer and sequence forward, x 3 with backward."""
+    c = model.config
+    linear = c.num_hidden_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    attention = sum(12 * c.num_hidden_layers * b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2
+                    * c.hidden_size for b in batches)
+    return 6 * linear * tokens + attention
+
+
+def report_limits(ours: BertModel, batches, args, device) -> list[str]:
+    peak = {"fp32": gemm_peak(torch.float32, device, 2048),
+            "bf16": gemm_peak(torch.bfloat16, device, 4096)}
+    models = {"fp32": ours, "bf16": Autocast(ours, device)}
+    res, paired = bench(models, "train", batches, args.rounds, device)
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    flops = step_flops(ours, batches)
+    lines = [f"matrix-multiply peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} "
+             f"GFLOP/s (bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x)"]
+    achieved = {}
+    for name in models:
+        exs = statistics.median(res[name])
+        achieved[name] = flops / (n / exs) / 1e9
+        lines.append(f"minBERT train step {name}: {exs:.1f} ex/s, {achieved[name]:.0f} GFLOP/s = "
+                     f"{achieved[name] / peak[name]:.0%} of the {name} peak")
+    speedup = 1 / statistics.median(paired)  # t_fp32 / t_bf16 for the same batch
+    share = achieved["bf16"] / peak["bf16"]
+    lines.append(f"bf16 / fp32 step speed: {speedup:.2f}x (median same-batch time ratio)")
+    lines.append(f"targets: bf16 step >= 40% of the bf16 peak: {share:.0%} "
+                 f"{'PASS' if share >= 0.4 else 'FAIL'}; bf16 >= 1.8x fp32: {speedup:.2f}x "
+                 f"{'PASS' if speedup >= 1.8 else 'FAIL'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=32)
@@ -149,7 +218,7 @@ def main() -> None:
     p.add_argument("--data-root", type=Path, default=None,
                    help="folder with ids-sst-train.csv to use real SST sentences")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import transformers
 
@@ -188,6 +257,7 @@ def main() -> None:
         res, paired = bench(models, mode, batches, args.rounds, device)
         med = {name: statistics.median(v) for name, v in res.items()}
         rows.append((mode, med, res, paired))
+    limits = report_limits(ours, batches, args, device)
     busy1, ours1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
 
     print(f"{'mode':<10} {'model':<13} {'median ex/s':>12} {'min':>9} {'max':>9}")
@@ -203,6 +273,7 @@ def main() -> None:
         print(f"ratio ours/HF {mode:<10}: {ratio:.3f}  (median of {len(paired)} same-batch time ratios, "
               f"quartiles {q[0]:.3f}-{q[2]:.3f}; ratio of median ex/s "
               f"{med['minBERT'] / med['HF BertModel']:.3f})  {'OK' if ratio >= 1.0 else 'SLOWER'}")
+    print("\n" + "\n".join(limits))
     if busy0 is not None:  # CPU time that other processes took while we measured
         others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
         share = others / ((wall1 - wall0) * (os.cpu_count() or 1))

@@ -33,6 +33,10 @@ class MultitaskModel(nn.Module):
 
     def forward(self, task: str, batch: Batch) -> torch.Tensor:
         h = self.sentence_vectors(batch)
-        if batch.segments == 2:
-            return self.heads[task](*h.chunk(2))  # first sentences, second sentences
-        return self.heads[task](h)
+        # Under mixed precision the encoder runs in bf16 (fp16); the small heads run in fp32, so
+        # that a score (STS's scaled cosine) keeps its resolution.
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            if batch.segments == 2:
+                return self.heads[task](*h.chunk(2))  # first sentences, second sentences
+            return self.heads[task](h)

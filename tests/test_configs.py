@@ -147,3 +147,12 @@ def test_sgd_alone_is_honoured(compose_cfg):
     model = build_model(cfg, get_tasks(["sst"]))
     optimizer = build_optimizer(instantiate(cfg.trainer.optimizer), model, head_lr=1e-3)
     assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_recipes_compose_and_build(compose_cfg, recipe):
+    cfg = compose_cfg([f"recipe={recipe}", "model=tiny"])
+    assert cfg.precision in ("fp32", "bf16") and cfg.heads.design == "joint"
+    trainer = build(cfg.trainer, "trainer")
+    assert trainer.scheduler in ("constant", "linear", "cosine")
+    assert build_model(cfg, get_tasks(["sst", "sts"])) is not None

@@ -222,18 +222,24 @@ def hydra_merged(layer):
     return W0 + layer.a_up @ layer.a_down + seq @ W0, b0 + seq @ b0
 
 
-@model_ids
-def test_hydra_equals_transformers_with_the_merged_weights(model):
-    encoder = Hydra(r_parallel=4, r_sequential=2, targets="all_linear").apply(base_encoder(model))
+def check_against_merged(encoder, model: str, merged_weight) -> None:
+    """Hidden states and the gradients of every trained tensor equal transformers' run with the
+    merged weights (differentiated through `merged_weight`)."""
     perturb(encoder)
     b = batch()
-    hf, params = merged_reference(encoder, model, hydra_merged)
+    hf, params = merged_reference(encoder, model, merged_weight)
     h, ref = hidden(encoder, b), hf_hidden(functional_call(hf, params, kwargs=b), b)
     assert (h - ref).abs().max() < ATOL
     ours = dict(trainable_params(encoder))
     grads = torch.autograd.grad(loss(ref), list(ours.values()))
     loss(h).backward()
     assert_grads(ours, dict(zip(ours, grads)))
+
+
+@model_ids
+def test_hydra_equals_transformers_with_the_merged_weights(model):
+    encoder = Hydra(r_parallel=4, r_sequential=2, targets="all_linear").apply(base_encoder(model))
+    check_against_merged(encoder, model, hydra_merged)
 
 
 def test_hydra_parallel_branch_alone_is_peft_lora():
@@ -283,15 +289,8 @@ def test_dvora_equals_transformers_with_the_merged_weights(model):
     from minbert.peft.dvora import Dvora
 
     encoder = Dvora(rank=8, targets="attn_qkv", seed=2).apply(base_encoder(model)).eval()
-    perturb(encoder)
-    b = batch()
-    hf, params = merged_reference(encoder, model, dvora_merged)
-    h, ref = hidden(encoder, b), hf_hidden(functional_call(hf, params, kwargs=b), b)
-    assert (h - ref).abs().max() < ATOL
-    ours = dict(trainable_params(encoder))
-    grads = torch.autograd.grad(loss(ref), list(ours.values()))
-    loss(h).backward()
-    assert_grads(ours, dict(zip(ours, grads)))
+    check_against_merged(encoder, model, dvora_merged)
+    b, ours = batch(), dict(trainable_params(encoder))
     # the norm differentiated (DoRA's section 4.3 says: detach it) gives other gradients
     hf, params = merged_reference(encoder, model, lambda l: dvora_merged(l, detach=False))
     grads = torch.autograd.grad(loss(hf_hidden(functional_call(hf, params, kwargs=b), b)),

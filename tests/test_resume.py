@@ -97,6 +97,8 @@ def resume_until_done(root: Path, run_dir: Path, *overrides: str, faults=()) -> 
     (["peft=adalora", "peft.tinit=2", "peft.deltaT=2"], "step@7"),
     (["peft=dylora", "trainer=eoe"], "step@8"),
     (["peft=qlora"], "step@5"),
+    (["peft=lora", "precision=bf16", "trainer.scheduler=cosine", "trainer.warmup_ratio=0.2"],
+     "step@6"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else v)
 def test_a_kill_at_a_fault_point_resumes_bit_identically(root, reference, tmp_path, overrides,
                                                         fault):

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minbert.durable import write_text
+from minbert.errors import ConfigError
 from minbert.peft import merged
 from tasks.base import Task, overall_score
 from tasks.batching import EncodedSplit
 from tasks.model import MultitaskModel
-from minbert.durable import write_text
 
 TaskWeights = Callable[[str], ContextManager]  # task name -> a context holding its weights
 
@@ -46,6 +47,27 @@ class RunContext:
     weights: TaskWeights = shared_weights  # which weights score each task (FitResult.weights)
     checkpoint_every: int = 0  # checkpoint.every_n_steps (0: at epoch ends only)
     checkpoint_keep: int = 2  # checkpoint.keep
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the dtype forwards run in (trainers.evaluate)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}; use one of {list(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision=fp16 needs a GPU (it trains with a gradient scaler on "
+                          "CUDA); on the CPU use precision=bf16")
+
+
+def autocast(ctx: "RunContext"):
+    """The context forwards run in: mixed precision (autocast to `ctx.precision`, the weights,
+    gradients and optimizer states staying fp32), or nothing for fp32."""
+    dtype = PRECISIONS[ctx.precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(ctx.device.type, dtype=dtype)
 
 
 @torch.inference_mode()
@@ -56,7 +78,9 @@ def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
     for batch in tqdm(data.batches(ctx.eval_batch_size), total=data.num_batches(ctx.eval_batch_size),
                       disable=not ctx.progress, desc=f"eval {data.split.name} {task.name}",
                       leave=False, dynamic_ncols=True):
-        out.append(task.predict(ctx.model(task.name, batch.to(ctx.device))).float().cpu())
+        with autocast(ctx):
+            output = ctx.model(task.name, batch.to(ctx.device)).float()
+        out.append(task.predict(output).cpu())
     return torch.cat(out).numpy()
 
 

@@ -185,10 +185,11 @@ class MergedExperts(ExpertTrainer):
     default_weight: Callable[[int], float] = staticmethod(lambda n: 1.0 / n)
     merges = "trainer=fedavg"  # what needs a mergeable PEFT method (minbert.peft.check_mergeable)
 
-    def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
-                 max_grad_norm: float | None = None, merge: str = "linear",
-                 weights: list[float] | None = None, **merge_options):
-        super().__init__(optimizer, epochs, head_lr, max_grad_norm)
+    def __init__(self, optimizer: Callable, merge: str = "linear",
+                 weights: list[float] | None = None, density: float | None = None,
+                 scale: float | None = None, **options):
+        super().__init__(optimizer, **options)
+        merge_options = {"density": density, "scale": scale}
         if merge not in MERGES:
             raise ConfigError(f"trainer.merge={merge!r}; use one of {sorted(MERGES)}")
         self.merge, self.weights = merge, None if weights is None else [float(w) for w in weights]

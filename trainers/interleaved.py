@@ -20,10 +20,10 @@ from trainers.state import TrainState
 
 
 class InterleavedTrainer(Strategy):
-    def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
-                 max_grad_norm: float | None = None, sampler: str = "temperature",
-                 temperature: float = 2.0, alpha_end: float = 0.2, pcgrad: bool = False):
-        super().__init__(optimizer, epochs, head_lr, max_grad_norm)
+    def __init__(self, optimizer: Callable, sampler: str = "temperature",
+                 temperature: float = 2.0, alpha_end: float = 0.2, pcgrad: bool = False,
+                 **options):
+        super().__init__(optimizer, **options)
         if sampler not in OPTIONS:
             raise ConfigError(f"trainer.sampler={sampler!r}; use one of {sorted(OPTIONS)}")
         self.sampler, self.pcgrad = sampler, pcgrad

@@ -36,7 +36,7 @@ from minbert.peft.io import load_adapter, method_metadata, save_adapter
 from tasks.base import Task
 from tasks.model import MultitaskModel
 from minbert.durable import atomic_write, fault_point
-from trainers.evaluate import RunContext, TaskWeights, evaluate, shared_weights
+from trainers.evaluate import RunContext, TaskWeights, autocast, evaluate, shared_weights
 from trainers.pcgrad import pcgrad, task_gradients
 from trainers.state import Cursor, TrainState, save_checkpoint
 
@@ -93,15 +93,19 @@ class Strategy(ABC):
     """The options every strategy shares (the optimizer as a Hydra partial, epochs, the heads' lr,
     gradient clipping) and the defaults of a one-model, one-phase schedule."""
 
-    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.run.load_run)
+    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.record.load_run)
     pcgrad = False  # one batch of every task per step, gradients combined by PCGrad
 
     def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, scheduler: str = "constant",
+                 warmup_ratio: float = 0.0):
+        from trainers.optim import check_scheduler
+
         if epochs < 1:
             raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
+        check_scheduler(scheduler, warmup_ratio)
         self.optimizer, self.epochs, self.head_lr = optimizer, epochs, head_lr
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.scheduler, self.warmup_ratio = max_grad_norm, scheduler, warmup_ratio
 
     def phases(self, ctx: RunContext) -> list[list[Task]]:
         """The tasks each phase trains and scores: one phase over every task."""
@@ -111,13 +115,21 @@ class Strategy(ABC):
         """Once per process, before any phase begins or any checkpoint is loaded."""
 
     def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
-        """Builds the phase's optimizer and tells the method a phase of training begins."""
-        from trainers.optim import build_optimizer
+        """Builds the phase's optimizer, LR schedule (over the phase's steps: the whole run, or
+        one expert) and fp16 gradient scaler, and tells the method a phase of training begins."""
+        from trainers.optim import build_optimizer, build_scheduler
+        total = self.steps_per_epoch(ctx, self.phases(ctx)[index]) * self.epochs
         state.optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
                                           ctx.state_bits)
+        state.scheduler = build_scheduler(self.scheduler, state.optimizer, total,
+                                          self.warmup_ratio)
+        if ctx.precision == "fp16":
+            if self.pcgrad:
+                raise ConfigError("precision=fp16 with trainer.pcgrad=true: PCGrad combines "
+                                  "unscaled task gradients; use precision=bf16 or fp32")
+            state.scaler = torch.amp.GradScaler(ctx.device.type)
         start = getattr(ctx.method, "start_training", None)
         if start:
-            total = self.steps_per_epoch(ctx, self.phases(ctx)[index]) * self.epochs
             start(ctx.model, total, ctx.generator)
 
     def steps_per_epoch(self, ctx: RunContext, tasks: list[Task]) -> int:
@@ -155,8 +167,11 @@ class Strategy(ABC):
 
 
 def checked_loss(ctx: RunContext, state: TrainState, task: Task, batch) -> torch.Tensor:
-    """The task's loss on one batch; a non-finite loss stops the run with what to do."""
-    loss = task.loss(ctx.model(task.name, batch), batch.labels)
+    """The task's loss on one batch (the forward in the run's precision, the loss in fp32); a
+    non-finite loss stops the run with what to do."""
+    with autocast(ctx):
+        output = ctx.model(task.name, batch)
+    loss = task.loss(output.float(), batch.labels)
     if not torch.isfinite(loss):
         raise TrainingError(_non_finite_message(ctx, state, task, loss.item()))
     return loss
@@ -179,7 +194,7 @@ def _backward(ctx: RunContext, state: TrainState, step: Step) -> list[tuple[Task
     state.optimizer.zero_grad(set_to_none=True)
     if len(losses) == 1:
         total = losses[0][1] + (extra(ctx.model) if extra else 0)
-        total.backward()
+        (state.scaler.scale(total) if state.scaler is not None else total).backward()
     else:
         params = [p for _, p in trainable_params(ctx.model)]
         combined = pcgrad(task_gradients([l for _, l in losses], params), ctx.generator)
@@ -195,9 +210,15 @@ def train_step(ctx: RunContext, state: TrainState, step: Step, max_grad_norm: fl
     """One optimizer step: forward, backward, clip, step, the LR schedule and the method's hook,
     then the losses recorded for the history, the plots and the logger."""
     losses = _backward(ctx, state, step)
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)  # clipping sees the true gradients
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_([p for _, p in trainable_params(ctx.model)], max_grad_norm)
-    state.optimizer.step()
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)  # skipped where fp16 overflowed
+        state.scaler.update()
+    else:
+        state.optimizer.step()
     if state.scheduler is not None:
         state.scheduler.step()
     state.step, state.phase_step, state.epoch_step = (state.step + 1, state.phase_step + 1,
@@ -205,11 +226,13 @@ def train_step(ctx: RunContext, state: TrainState, step: Step, max_grad_norm: fl
     after = getattr(ctx.method, "after_step", None)
     if after:
         after(ctx.model, state.phase_step - 1, total_steps, ctx.generator)
+    lr = state.optimizer.param_groups[0]["lr"]  # the encoder's, after this step's schedule
     for task, value in losses:
         total, count = state.epoch_losses.get(task.name, (0.0, 0))
         state.epoch_losses[task.name] = [total + value, count + 1]
         state.losses.append((state.step, task.name, value))
-        ctx.logger.log({f"{task.name}/train/loss": value, "epoch": state.epoch}, step=state.step)
+        ctx.logger.log({f"{task.name}/train/loss": value, "train/lr": lr, "epoch": state.epoch},
+                       step=state.step)
     fault_point("step")
 
 

@@ -1,4 +1,5 @@
-"""Building a run's optimizer, the one place that does: the trainer's optimizer (a Hydra
+"""Building a run's optimizer and its learning-rate schedule, the one place that does: the
+trainer's optimizer (a Hydra
 `_partial_`, `trainer.optimizer`), unless the PEFT method projects gradients (GaLore,
 GradNormLoRP: `minbert.optim.GaLoreAdamW`) or `optim.state_bits=8` asks for block-wise 8-bit
 moments (Dettmers et al., 2022: `minbert.optim.AdamW8bit`, or GaLore's low-rank moments in 8 bits).
@@ -40,6 +41,29 @@ def adamw_kwargs(partial, reason: str) -> dict:
         raise ConfigError(f"trainer.optimizer.{ignored[0]} is an option {reason} cannot honour "
                           f"(its AdamW takes {', '.join(CARRIED)}); remove it")
     return {k: v for k, v in kwargs.items() if k in CARRIED}
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def check_scheduler(name: str, warmup_ratio: float) -> None:
+    if name not in SCHEDULES:
+        raise ConfigError(f"trainer.scheduler={name!r}; use one of {list(SCHEDULES)}")
+    if not 0 <= warmup_ratio < 1:
+        raise ConfigError(f"trainer.warmup_ratio={warmup_ratio!r} must be in [0, 1)")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_ratio: float = 0.0):
+    """The learning-rate schedule over `total_steps` optimizer steps (transformers'
+    `get_scheduler`): `constant` (with `warmup_ratio` of the steps of linear warm-up, if any),
+    `linear` or `cosine` decay to zero after the warm-up."""
+    from transformers import get_scheduler
+
+    check_scheduler(name, warmup_ratio)
+    warmup = round(warmup_ratio * total_steps)
+    kind = "constant_with_warmup" if name == "constant" and warmup else name
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def build_optimizer(partial, model: torch.nn.Module, head_lr: float | None = None, method=None,

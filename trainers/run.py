@@ -22,7 +22,8 @@ from minbert.peft import check_mergeable, param_counts
 from tasks.data import load_task_data, resolve_root
 from trainers.build import (build, build_method, build_model, encode_data, resolve_device,
                             run_tasks, seed_everything)
-from trainers.evaluate import RunContext, evaluate, predict_task, write_predictions
+from trainers.evaluate import (RunContext, check_precision, evaluate, predict_task,
+                               write_predictions)
 from trainers.loop import StopSignals, train, write_history
 from trainers.memory import PeakMemory, memory_metrics
 from trainers.plots import plot_training
@@ -48,13 +49,15 @@ def setup(cfg: DictConfig, run_dir: str | Path):
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
     device = resolve_device(cfg.device)
+    precision = cfg.get("precision", "fp32")
+    check_precision(precision, device)
     model = build_model(cfg, tasks, method).to(device)
     checkpoint = cfg.get("checkpoint") or {}
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
                      cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
                      generator, method, cfg.optim.state_bits,
                      checkpoint_every=int(checkpoint.get("every_n_steps", 0) or 0),
-                     checkpoint_keep=int(checkpoint.get("keep", 2)))
+                     checkpoint_keep=int(checkpoint.get("keep", 2)), precision=precision)
     return trainer, logger, ctx
 
 

@@ -78,6 +78,7 @@ class TrainState:
     method: object = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
+    scaler: object = None  # fp16's torch.amp.GradScaler
     phase: int = 0
     epoch: int = 1
     slot: int = 0  # within the epoch: the task a sequential schedule is at
@@ -104,6 +105,7 @@ class TrainState:
             "model": {n: t.detach().clone() for n, t in adapter_state_dict(self.model).items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "method": method() if callable(method) else None,
             "rng": rng_state(self.generator),
             "meta": {"torch": str(torch.__version__), "threads": torch.get_num_threads()},
@@ -129,6 +131,8 @@ class TrainState:
             self.optimizer.load_state_dict(sd["optimizer"])
         if sd["scheduler"] is not None and self.scheduler is not None:
             self.scheduler.load_state_dict(sd["scheduler"])
+        if sd.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(sd["scaler"])
         if sd["method"] is not None:
             self.method.load_state_dict(sd["method"])
         set_rng_state(self.generator, sd["rng"])
