@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -143,8 +145,18 @@ class SelfAttention(nn.Module):
             if mask is not None:  # [B, 1, 1, P + T]: the prefix is never padding
                 mask = torch.cat([mask.new_ones(B, 1, 1, prefix[0].shape[2]), mask], dim=-1)
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        with _attention_kernel(q):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out(tokens.pack(y.transpose(1, 2)).reshape(-1, H))  # [B, nh, T, hd] -> [N, H]
+
+
+def _attention_kernel(q: torch.Tensor):
+    """SDPA's own choice, except in bf16/fp16 on a CPU: there its math kernel (two batched
+    matmuls and a softmax, on AMX) trains about 1.7x faster than the flash kernel, whose backward
+    is slow in low precision (scripts/bench_encoder.py measures the step)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 class FeedForward(nn.Module):
