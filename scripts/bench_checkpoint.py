@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint.every_n_steps to cost (the default: 200)")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
-    print(f"| peft ({args.model}) | s / step | s / checkpoint | checkpoint MiB | "
+    print(f"| peft ({args.model}) | ms / step | ms / checkpoint | checkpoint MiB | "
           f"share at every {args.interval} steps | interval for {TARGET:.0%} |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     worst = 0.0
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         share = m["save"] / (args.interval * m["step"] + m["save"])
         needed = m["save"] * (1 - TARGET) / (TARGET * m["step"])
         worst = max(worst, share)
-        print(f"| {method} | {m['step']:.3f} | {m['save']:.3f} | {m['mib']:.1f} | "
+        print(f"| {method} | {1e3 * m['step']:.2f} | {1e3 * m['save']:.2f} | {m['mib']:.1f} | "
               f"{share:.2%} | {needed:.0f} |")
     print(f"target: checkpointing at most {TARGET:.0%} of training time: "
           f"{'met' if worst <= TARGET else 'NOT met'} (worst {worst:.2%})")

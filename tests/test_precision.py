@@ -25,8 +25,16 @@ def test_bf16_trains_and_stays_near_fp32(synthetic_root, tmp_path):
     _, bf16 = trained_run(synthetic_root, tmp_path / "bf16", *common, "precision=bf16")
     assert bf16["para/dev/acc"] > 0.75 and bf16["sts/dev/pearson"] > 0.5  # it trains
     assert abs(bf16["dev/overall"] - fp32["dev/overall"]) < BF16_TOLERANCE
-    assert bf16["dev/overall"] != fp32["dev/overall"]  # the precision really changed
+    # The precision really changed: the dev scores can coincide (the synthetic STS predictions
+    # take two values, so any run that separates them has the same Pearson r), the losses cannot.
+    assert train_losses(tmp_path / "bf16") != pytest.approx(train_losses(tmp_path / "fp32"),
+                                                            rel=1e-6)
     assert bf16["memory/param_bytes"] == fp32["memory/param_bytes"]  # fp32 master weights
+
+
+def train_losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows for key in sorted(row) if key.endswith("/train/loss")]
 
 
 def test_fp16_needs_a_gpu(synthetic_root, tmp_path):
