@@ -9,7 +9,7 @@ the other in one invocation.
 plain: `BertForSequenceClassification` (the packaged MiniLM), one model per task, each trained
 alone (SST 5 classes, Quora 2 classes, STS regression on one output), pairs encoded jointly, AdamW at
 lr 5e-5, batch 32, padding to the batch's longest, 128 tokens at most; with `--peft lora`, peft's
-LoRA (r=8, alpha 16, query/key/value) plus the trained classifier. The tasks' epochs are
+LoRA (r=8, alpha 16, query/key/value) plus the trained classifier, at lr 5e-4 on both sides. The tasks' epochs are
 interleaved (epoch 1 of each task, then epoch 2 ...), so a dev overall exists after every epoch.
 ours: `train.py`'s run with `--preset` (default `recipe=fast`), `precision`, `trainer.epochs`,
 `data.limit_train` and `peft` set to match.
@@ -149,7 +149,8 @@ def run_ours(args, root: Path) -> list[dict]:
     overrides = [*args.preset, f"precision={args.precision}", f"trainer.epochs={args.epochs}",
                  f"data.root={root}", "logger=none", "progress=false",
                  f"data.limit_train={args.limit_train or 'null'}", f"seed={args.seed}"]
-    overrides += ["peft=lora", "peft.rank=8", "peft.targets=attn_qkv"] if args.peft == "lora" else []
+    if args.peft == "lora":  # the preset's lr is tuned for full fine-tuning: LoRA's lr as plain's
+        overrides += ["peft=lora", "peft.rank=8", "peft.targets=attn_qkv", f"peft.lr={args.lr}"]
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -218,7 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-eval", type=int, default=None, help="dev examples per task")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--peft", choices=["none", "lora"], default="none")
-    p.add_argument("--lr", type=float, default=5e-5, help="the plain pipeline's AdamW lr")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the plain pipeline's AdamW lr (default 5e-5; with --peft lora 5e-4, "
+                        "which ours then uses too)")
     p.add_argument("--preset", nargs="*", default=["recipe=fast"],
                    help="our side's config overrides (default: the recipe=fast preset)")
     p.add_argument("--data-root", default=None)
@@ -226,7 +229,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=11711)
     p.add_argument("--out", type=Path, default=Path("bench_quality.png"))
     p.add_argument("--only", choices=["plain", "ours"], default=None, help="one side alone")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 5e-4 if args.peft == "lora" else 5e-5
+    return args
 
 
 def main(argv=None) -> int:
