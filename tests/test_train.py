@@ -63,29 +63,9 @@ def test_training_learns_the_synthetic_tasks(compose_cfg, synthetic_root, tmp_pa
     assert metrics["para/dev/acc"] > 0.75 and metrics["sts/dev/pearson"] > 0.5
 
 
-class Recorder:
-    """A logger that records what the trainer logs, to check the order of training."""
-
-    def __init__(self):
-        self.steps, self.summaries = [], []
-
-    def start(self, config, run_dir, run_id=None):
-        self.config = config
-
-    def log(self, metrics, step):
-        self.steps += [k.split("/")[0] for k in metrics if k.endswith("/train/loss")]
-
-    def summary(self, metrics):
-        self.summaries.append(metrics)
-
-    def finish(self, ok=True):
-        self.ok = ok
-
-
 def test_sequential_order_and_one_persistent_optimizer(compose_cfg, synthetic_root, tmp_path,
-                                                       monkeypatch):
-    recorder, made = Recorder(), []
-    monkeypatch.setattr("trainers.run.build", _patched_build(recorder))
+                                                       monkeypatch, recorded_logger):
+    recorder, made = recorded_logger, []
     real_adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(1) or real_adamw(*a, **k))
     cfg = compose_cfg(smoke_overrides(synthetic_root, "order=sts-sst-para", "trainer.epochs=2",
@@ -94,12 +74,6 @@ def test_sequential_order_and_one_persistent_optimizer(compose_cfg, synthetic_ro
     epoch = ["sts"] * 2 + ["sst"] * 2 + ["para"] * 2  # 32 examples / batch 16 = 2 steps a task
     assert recorder.steps == epoch * 2
     assert len(made) == 1 and recorder.ok and "dev/overall" in recorder.summaries[0]
-
-
-def _patched_build(recorder):
-    from trainers import run as run_module
-    real = run_module.build
-    return lambda node, key, **kw: recorder if key == "logger" else real(node, key, **kw)
 
 
 def test_nan_loss_stops_with_a_clear_error(compose_cfg, synthetic_root, tmp_path):
