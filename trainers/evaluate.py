@@ -14,11 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from minbert.durable import write_text
-from minbert.errors import ConfigError
 from minbert.peft import merged
 from tasks.base import Task, overall_score
 from tasks.batching import EncodedSplit
 from tasks.model import MultitaskModel
+from trainers.precision import PRECISIONS
 
 TaskWeights = Callable[[str], ContextManager]  # task name -> a context holding its weights
 
@@ -47,18 +47,7 @@ class RunContext:
     weights: TaskWeights = shared_weights  # which weights score each task (FitResult.weights)
     checkpoint_every: int = 0  # checkpoint.every_n_steps (0: at epoch ends only)
     checkpoint_keep: int = 2  # checkpoint.keep
-    precision: str = "fp32"  # fp32 | bf16 | fp16: the dtype forwards run in (trainers.evaluate)
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r}; use one of {list(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision=fp16 needs a GPU (it trains with a gradient scaler on "
-                          "CUDA); on the CPU use precision=bf16")
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (auto resolved: trainers.precision)
 
 
 def autocast(ctx: "RunContext"):

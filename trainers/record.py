@@ -2,7 +2,8 @@
 script (export, merge, predict).
 
 `run.json` is written when a run starts: the tasks it trains, in order (the one list of a run's
-tasks), its resolved config, torch's version and thread count, and the W&B run id. A run started
+tasks), its resolved config, the precision it computes in and why (`precision=auto` resolved),
+torch's version and thread count, and the W&B run id. A run started
 again in the same folder (`resume=<dir>`, or a sweep relaunched with the same `hydra.sweep.dir`)
 is checked against it: a different config is refused, naming the keys that differ, except keys
 that cannot change results (`MAY_DIFFER`)."""
@@ -41,9 +42,13 @@ def read_record(run_dir: Path) -> dict | None:
                               "afresh") from e
 
 
-def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: str | None) -> None:
+def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: str | None,
+                 precision: tuple[str, str] | None = None) -> None:
+    """`precision`: (the one the run computes in, why: `trainers.precision.run_precision`)."""
+    chosen, why = precision or (cfg.get("precision", "fp32"), "as configured")
     write_json(Path(run_dir) / RUN_FILE, {
         "tasks": [t.name for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),
+        "precision": {"requested": cfg.get("precision", "fp32"), "chosen": chosen, "why": why},
         "torch": str(torch.__version__), "threads": torch.get_num_threads(), "wandb_id": wandb_id})
 
 

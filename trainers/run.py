@@ -22,11 +22,11 @@ from minbert.peft import check_mergeable, param_counts
 from tasks.data import load_task_data, resolve_root
 from trainers.build import (build, build_method, build_model, encode_data, resolve_device,
                             run_tasks, seed_everything)
-from trainers.evaluate import (RunContext, check_precision, evaluate, predict_task,
-                               write_predictions)
+from trainers.evaluate import RunContext, evaluate, predict_task, write_predictions
 from trainers.loop import StopSignals, train, write_history
 from trainers.memory import PeakMemory, memory_metrics
 from trainers.plots import plot_training
+from trainers.precision import resolve_precision, run_precision
 from trainers.record import check_same_run, read_record, write_record
 from trainers.state import CHECKPOINTS, TrainState, load_checkpoint
 from trainers.sweeps import ERROR_FILE
@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-def setup(cfg: DictConfig, run_dir: str | Path):
+def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None):
     """Everything a run trains with, built before any training so that bad input fails early:
-    (the trainer, the logger, the RunContext: model, tasks, encoded data, ...)."""
+    (the trainer, the logger, the RunContext: model, tasks, encoded data, ...). `precision`: the
+    one to compute in (`run` passes the resolved one; None: `cfg.precision` resolved here)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
@@ -49,8 +50,8 @@ def setup(cfg: DictConfig, run_dir: str | Path):
     raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
                          cfg.data.limit_eval)
     device = resolve_device(cfg.device)
-    precision = cfg.get("precision", "fp32")
-    check_precision(precision, device)
+    if precision is None:
+        precision, _ = resolve_precision(cfg.get("precision", "fp32"), device)
     model = build_model(cfg, tasks, method).to(device)
     checkpoint = cfg.get("checkpoint") or {}
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
@@ -75,12 +76,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
                          score)
                 return score
         (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed attempt's, now stale
-        trainer, logger, ctx = setup(cfg, run_dir)
+        precision = run_precision(cfg.get("precision", "fp32"), resolve_device(cfg.device),
+                                  record)
+        log.info("%s", precision[1])
+        trainer, logger, ctx = setup(cfg, run_dir, precision[0])
         state = TrainState(ctx.model, ctx.generator, ctx.method)
         resumed = restore(trainer, ctx, state)
         wandb_id = logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir,
                                 (record or {}).get("wandb_id") if resumed else None)
-        write_record(run_dir, cfg, ctx.tasks, wandb_id)
+        write_record(run_dir, cfg, ctx.tasks, wandb_id, precision)
         return train_and_finish(trainer, logger, ctx, state)
 
 
