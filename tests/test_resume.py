@@ -99,6 +99,11 @@ def resume_until_done(root: Path, run_dir: Path, *overrides: str, faults=()) -> 
     (["peft=qlora"], "step@5"),
     (["peft=lora", "precision=bf16", "trainer.scheduler=cosine", "trainer.warmup_ratio=0.2"],
      "step@6"),
+    # killed between two mid-epoch evaluations (at 3 and 6), and just after one was written
+    (["peft=lora", "trainer.eval_every_n_steps=3"], "step@5"),
+    (["peft=lora", "trainer.eval_every_n_steps=3"], "history-appended@2"),
+    (["trainer=eoe", "trainer.eval_every_n_steps=2", "trainer.patience=1",
+      "trainer.optimizer.lr=0.0", "trainer.head_lr=0.0"], "step@3"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else v)
 def test_a_kill_at_a_fault_point_resumes_bit_identically(root, reference, tmp_path, overrides,
                                                         fault):

@@ -1,5 +1,7 @@
-"""The one training loop every strategy shares: one `train_step`, one `end_epoch`, one driver
-(`train`) that checkpoints, resumes and stops cleanly when asked to.
+"""The one training loop every strategy shares: one `train_step`, one dev scoring
+(`trainers.scoring.score_dev`: at epoch ends and every `trainer.eval_every_n_steps` steps, with
+early stopping after `trainer.patience` evaluations without improvement), one driver (`train`)
+that checkpoints, resumes and stops cleanly when asked to.
 
 A strategy (`Strategy`: sequential, interleaved, the expert ones) is a schedule: it says which
 phases the run has (one, or one per expert), what happens when a phase begins and ends, which
@@ -18,7 +20,6 @@ there (AdaLoRA's rank allocation, DyLoRA's rank sampling; `step` counts from 0 w
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -35,13 +36,15 @@ from minbert.peft import trainable_params
 from minbert.peft.io import load_adapter, method_metadata, save_adapter
 from tasks.base import Task
 from tasks.model import MultitaskModel
-from minbert.durable import atomic_write, fault_point
-from trainers.evaluate import RunContext, TaskWeights, autocast, evaluate, shared_weights
+from minbert.durable import fault_point
+from trainers.evaluate import RunContext, TaskWeights, autocast, shared_weights
 from trainers.pcgrad import pcgrad, task_gradients
+from trainers.scoring import (HISTORY_FILE, evaluates_now, out_of_patience, score_dev,
+                              write_history)
 from trainers.state import Cursor, TrainState, save_checkpoint
 
 log = logging.getLogger(__name__)
-ADAPTER_FILE, HISTORY_FILE = "adapter.safetensors", "history.jsonl"
+ADAPTER_FILE = "adapter.safetensors"
 Step = list[tuple[Task, object]]  # the (task, batch) pairs of one optimizer step
 
 
@@ -91,21 +94,29 @@ def next_batch(ctx: RunContext, state: TrainState, task: Task, endless: bool = F
 
 class Strategy(ABC):
     """The options every strategy shares (the optimizer as a Hydra partial, epochs, the heads' lr,
-    gradient clipping) and the defaults of a one-model, one-phase schedule."""
+    gradient clipping, the LR schedule, dev scoring every n steps and early stopping) and the
+    defaults of a one-model, one-phase schedule."""
 
     load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.record.load_run)
     pcgrad = False  # one batch of every task per step, gradients combined by PCGrad
 
     def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
                  max_grad_norm: float | None = None, scheduler: str = "constant",
-                 warmup_ratio: float = 0.0):
+                 warmup_ratio: float = 0.0, eval_every_n_steps: int | None = None,
+                 patience: int | None = None):
         from trainers.optim import check_scheduler
 
         if epochs < 1:
             raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
+        for key, value in (("eval_every_n_steps", eval_every_n_steps), ("patience", patience)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"trainer.{key}={value!r} must be a whole number >= 1, or null "
+                                  "(eval_every_n_steps: at epoch ends only; patience: no early "
+                                  "stopping)")
         check_scheduler(scheduler, warmup_ratio)
         self.optimizer, self.epochs, self.head_lr = optimizer, epochs, head_lr
         self.max_grad_norm, self.scheduler, self.warmup_ratio = max_grad_norm, scheduler, warmup_ratio
+        self.eval_every_n_steps, self.patience = eval_every_n_steps, patience
 
     def phases(self, ctx: RunContext) -> list[list[Task]]:
         """The tasks each phase trains and scores: one phase over every task."""
@@ -143,7 +154,7 @@ class Strategy(ABC):
         """Keeps the model's state as the phase's best (the adapter file)."""
         save_adapter(ctx.model, ctx.run_dir / ADAPTER_FILE,
                      {**method_metadata(ctx.method), "score": state.best_score,
-                      "epoch": state.best_epoch})
+                      "epoch": state.best_epoch, "step": state.best_step})
 
     def end_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
         """After a phase's last epoch."""
@@ -236,34 +247,6 @@ def train_step(ctx: RunContext, state: TrainState, step: Step, max_grad_norm: fl
     fault_point("step")
 
 
-def end_epoch(ctx: RunContext, state: TrainState, strategy: Strategy, tasks: list[Task],
-              label: dict) -> None:
-    """Scores the phase's tasks on dev, keeps the best state, appends the history (rewritten
-    whole, atomically) and logs."""
-    metrics, _ = evaluate(ctx, "dev", tasks)
-    improved = metrics["dev/overall"] > state.best_score
-    if improved:
-        state.best_score, state.best_epoch = metrics["dev/overall"], state.epoch
-        strategy.save_best(ctx, state, tasks)
-        fault_point("adapter-written")
-    losses = {f"{t}/train/loss": s / max(1, n) for t, (s, n) in state.epoch_losses.items()}
-    state.history.append({**label, "epoch": state.epoch, "step": state.step, **metrics, **losses})
-    write_history(ctx.run_dir, state.history)
-    fault_point("history-appended")
-    prefix = "expert/" if "expert" in label else ""
-    ctx.logger.log({**{prefix + k: v for k, v in metrics.items()}, "epoch": state.epoch},
-                   step=state.step)
-    name = f"expert {label['expert']}, epoch" if label else "epoch"
-    log.info("%s %d/%d: %s%s", name, state.epoch, strategy.epochs,
-             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-             " (best so far)" if improved else "")
-
-
-def write_history(run_dir: Path, history: list[dict]) -> None:
-    text = "".join(json.dumps(record) + "\n" for record in history)
-    atomic_write(Path(run_dir) / HISTORY_FILE, lambda f: f.write(text.encode("utf-8")))
-
-
 class Preempted(MinbertError):
     """The run was asked to stop (a cluster's preemption signal, SIGTERM) and stopped at a step
     boundary after writing a checkpoint."""
@@ -312,7 +295,8 @@ class StopSignals:
 
 def train(strategy: Strategy, ctx: RunContext, state: TrainState, stop: StopSignals) -> FitResult:
     """Runs the strategy's phases from wherever `state` is, checkpointing every
-    `ctx.checkpoint_every` steps and at every epoch end."""
+    `ctx.checkpoint_every` steps and at every epoch end, scoring dev at epoch ends and every
+    `strategy.eval_every_n_steps` steps, and ending a phase early when out of patience."""
     phases = strategy.phases(ctx)
     while not state.done:
         tasks = phases[state.phase]
@@ -321,31 +305,42 @@ def train(strategy: Strategy, ctx: RunContext, state: TrainState, stop: StopSign
         bar = tqdm(total=per_epoch, initial=state.epoch_step, disable=not ctx.progress,
                    leave=False, dynamic_ncols=True, desc=f"epoch {state.epoch}")
         ctx.model.train()
+        early = False
         while (step := strategy.next_step(ctx, state, tasks)) is not None:
             train_step(ctx, state, step, strategy.max_grad_norm, per_epoch * strategy.epochs)
             bar.update(1)
+            if evaluates_now(strategy, state, per_epoch):
+                score_dev(ctx, state, strategy, tasks, label, mid_epoch=True)
+                ctx.model.train()  # evaluation left it in eval mode
+                if early := out_of_patience(ctx, state, strategy, label):
+                    break
             if (ctx.checkpoint_every and state.step % ctx.checkpoint_every == 0) or stop.pending():
                 save_checkpoint(state, ctx.run_dir, ctx.checkpoint_keep)
                 if stop.pending():
                     stop.hand_on(ctx.run_dir)
         bar.close()
-        end_epoch(ctx, state, strategy, tasks, label)
-        _advance(strategy, ctx, state, len(phases))
+        if not early:
+            score_dev(ctx, state, strategy, tasks, label)
+            early = out_of_patience(ctx, state, strategy, label)
+        _advance(strategy, ctx, state, len(phases), early)
         save_checkpoint(state, ctx.run_dir, ctx.checkpoint_keep)
         if stop.pending():
             stop.hand_on(ctx.run_dir)
     return strategy.result(ctx, state)
 
 
-def _advance(strategy: Strategy, ctx: RunContext, state: TrainState, n_phases: int) -> None:
-    """To the next epoch, or past the phase's last one to the next phase (or the end)."""
+def _advance(strategy: Strategy, ctx: RunContext, state: TrainState, n_phases: int,
+             early: bool = False) -> None:
+    """To the next epoch, or past the phase's last one (or out of patience: `early`) to the next
+    phase (or the end)."""
     state.epoch, state.slot, state.epoch_step, state.epoch_losses = state.epoch + 1, 0, 0, {}
-    if state.epoch <= strategy.epochs:
+    if state.epoch <= strategy.epochs and not early:
         return
     strategy.end_phase(ctx, state, state.phase)
     state.phase, state.epoch, state.phase_step = state.phase + 1, 1, 0
     if state.phase < n_phases:  # a new phase keeps its own best (an expert's)
-        state.best_score, state.best_epoch, state.cursors = float("-inf"), None, {}
+        state.best_score, state.best_epoch, state.best_step = float("-inf"), None, None
+        state.evals_since_best, state.cursors = 0, {}
         strategy.begin_phase(ctx, state, state.phase)
     else:
         state.done = True

@@ -1,5 +1,6 @@
 """The run's training curves as `training.png` in the run dir: the train loss of each task per
-step (with a moving average) and the dev metrics per epoch, so a run can be judged at a glance."""
+step (with a moving average) and the dev metrics per epoch (per evaluation, against the step, where
+the run also scored dev inside epochs), so a run can be judged at a glance."""
 from __future__ import annotations
 
 import json
@@ -16,15 +17,16 @@ def _moving_average(values: list[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
-def _dev_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """label -> (epoch, score) points; per-task experts' records get their own labelled lines."""
+def _dev_series(history: list[dict], x: str = "epoch") -> dict[str, list[tuple[int, float]]]:
+    """label -> (x, score) points, x the record's `epoch` or `step`; per-task experts' records
+    get their own labelled lines; events (an early stop) are no points."""
     series: dict[str, list] = {}
-    for h in history:
+    for h in (h for h in history if "event" not in h):
         expert = h.get("expert")
         for key, value in h.items():
             if "/dev/" in key or (key == "dev/overall" and expert is None):
                 label = f"{expert} expert: {key}" if expert else key
-                series.setdefault(label, []).append((h["epoch"], value))
+                series.setdefault(label, []).append((h[x], value))
     return series
 
 
@@ -48,12 +50,17 @@ def plot_training(run_dir: Path, losses: list[tuple[int, str, float]]) -> Path:
                      color=ax_loss.lines[-1].get_color())
     ax_loss.set(xlabel="step", ylabel="train loss", title="train loss per task", yscale="log")
     ax_loss.legend()
-    series = _dev_series(history)
+    by_step = any("epoch_step" in h for h in history)  # dev scored inside epochs too
+    series = _dev_series(history, "step" if by_step else "epoch")
     for label, points in series.items():
         ax_dev.plot(*zip(*points), marker="o", label=label)
+    for h in (h for h in history if h.get("event") == "early_stop"):
+        ax_dev.axvline(h["step" if by_step else "epoch"], color="grey", linestyle=":",
+                       label="early stop")
     epochs = sorted({h["epoch"] for h in history})
-    ax_dev.set(xlabel="epoch", ylabel="score", title="dev scores per epoch")
-    if 0 < len(epochs) <= 20:
+    ax_dev.set(xlabel="step" if by_step else "epoch", ylabel="score",
+               title="dev scores per evaluation" if by_step else "dev scores per epoch")
+    if 0 < len(epochs) <= 20 and not by_step:
         ax_dev.set_xticks(epochs)
     if series:
         ax_dev.legend()

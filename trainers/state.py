@@ -29,7 +29,7 @@ from minbert.durable import atomic_write
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COUNTERS = ("phase", "epoch", "slot", "epoch_step", "step", "phase_step", "saves", "best_score",
-            "best_epoch", "done")
+            "best_epoch", "best_step", "evals_since_best", "done")
 
 
 @dataclass
@@ -88,6 +88,8 @@ class TrainState:
     saves: int = 0  # checkpoints written
     best_score: float = float("-inf")
     best_epoch: int | None = None
+    best_step: int | None = None  # the run's step at the best evaluation
+    evals_since_best: int = 0  # dev evaluations in a row without a better dev/overall (patience)
     done: bool = False  # every phase trained
     extra: dict = field(default_factory=dict)  # a strategy's own plain values (expert counts)
     cursors: dict[str, Cursor] = field(default_factory=dict)
