@@ -2,9 +2,11 @@
 ours (a preset of this framework), on the same encoder, data, epochs and precision, run one after
 the other in one invocation.
 
-    python scripts/bench_quality.py                                  # full data, 1 epoch, fp32
-    python scripts/bench_quality.py --precision bf16 --epochs 2
-    python scripts/bench_quality.py --limit-train 2000 --peft lora   # LoRA r=8 on both sides
+    python scripts/bench_quality.py                      # 2,000 examples a task, 1 epoch, fp32
+    python scripts/bench_quality.py --full               # all the data (~35 min on 2 CPU cores)
+    python scripts/bench_quality.py --quick              # 200 examples a task: under 2 minutes
+    python scripts/bench_quality.py --precision auto --epochs 2
+    python scripts/bench_quality.py --peft lora          # LoRA r=8 on both sides
 
 plain: `BertForSequenceClassification` (the packaged MiniLM), one model per task, each trained
 alone (SST 5 classes, Quora 2 classes, STS regression on one output), pairs encoded jointly, AdamW at
@@ -14,10 +16,15 @@ interleaved (epoch 1 of each task, then epoch 2 ...), so a dev overall exists af
 ours: `train.py`'s run with `--preset` (default `recipe=fast`), `precision`, `trainer.epochs`,
 `data.limit_train` and `peft` set to match.
 
-For each pipeline: the dev scores after every epoch and the wall time since the pipeline started
-(loading and tokenizing included), then the ratio of the times to reach the plain pipeline's final
-dev overall (ours over plain; below 1 is faster), and a PNG of dev overall against wall time.
-Needs the CS224N data ($MINBERT_DATA or --data-root).
+Both pipelines score dev --evals-per-epoch times an epoch (ours through
+`trainer.eval_every_n_steps`, the plain one with all three of its models every as many steps), and
+each point's time is the pipeline's training time so far: the wall time since it started (loading
+and tokenizing included) less the time spent scoring dev. Printed: every point, then the ratio of
+the times to first reach the plain pipeline's final dev overall (ours over plain; below 1 is
+faster), and a PNG of both curves. A precision that is not native here (bf16 on a CPU with only
+AVX2: `trainers.precision`) is not timed at full size: the run shrinks to --quick's size and says
+so. Needs the CS224N data ($MINBERT_DATA or --data-root). At the defaults it takes about 8 minutes
+on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -78,34 +85,65 @@ def plain_loss_and_predict(task, model, enc, labels):
     return loss, logits.argmax(-1)
 
 
+class Clock:
+    """Training time: wall time since `start` less the time spent scoring dev."""
+
+    def __init__(self, start: float):
+        self.start, self.scoring = start, 0.0
+
+    def training(self) -> float:
+        return time.perf_counter() - self.start - self.scoring
+
+
+def plain_points(tasks, models, data, tokenizer, precision, clock: Clock, where: dict) -> dict:
+    """All three plain models scored on dev (untrained ones too): one point of the curve."""
+    t0 = time.perf_counter()
+    scores = {t.metric_key: plain_dev_score(t, models[t.name], data, tokenizer, precision)
+              for t in tasks}
+    clock.scoring += time.perf_counter() - t0
+    scores["dev/overall"] = overall_score(tasks, scores)
+    return {**where, "wall": clock.training(), **scores}
+
+
 def run_plain(args, data, precision) -> list[dict]:
     import transformers
 
-    start = time.perf_counter()
+    clock = Clock(time.perf_counter())
+    transformers.logging.set_verbosity_error()  # not the classifier's "newly initialized" report
     folder = str(resolve_checkpoint(CHECKPOINT))
     tokenizer = transformers.BertTokenizerFast.from_pretrained(folder)
     tasks = get_tasks(["sst", "para", "sts"])
     models = {t.name: plain_model(t.name, folder, args.peft == "lora") for t in tasks}
     optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr)
               for n, m in models.items()}
-    g, points = torch.Generator().manual_seed(args.seed), []
+    every = eval_interval(sum(math.ceil(len(data[t.name]["train"]) / 32) for t in tasks), args)
+    g, points, step = torch.Generator().manual_seed(args.seed), [], 0
     for epoch in range(1, args.epochs + 1):
-        scores = {}
         for task in tasks:
             model, split = models[task.name], data[task.name]["train"]
-            model.train()
             for enc, y in plain_batches(split, tokenizer, 32, torch.randperm(len(split), generator=g)
                                         .tolist()):
+                model.train()
                 with precision():
                     loss, _ = plain_loss_and_predict(task, model, enc, y)
                 loss.backward()
                 optims[task.name].step()
                 optims[task.name].zero_grad()
-            scores[task.metric_key] = plain_dev_score(task, model, data, tokenizer, precision)
-        scores["dev/overall"] = overall_score(tasks, scores)
-        points.append({"epoch": epoch, "wall": time.perf_counter() - start, **scores})
-        print(f"plain  epoch {epoch}: {line(points[-1])}", flush=True)
+                step += 1
+                if step % every == 0:
+                    points.append(plain_points(tasks, models, data, tokenizer, precision, clock,
+                                               {"epoch": epoch, "step": step}))
+                    print(f"plain  epoch {epoch} step {step}: {line(points[-1])}", flush=True)
+        if not points or points[-1]["step"] != step:  # the epoch's end
+            points.append(plain_points(tasks, models, data, tokenizer, precision, clock,
+                                       {"epoch": epoch, "step": step}))
+            print(f"plain  epoch {epoch} step {step}: {line(points[-1])}", flush=True)
     return points
+
+
+def eval_interval(steps_per_epoch: int, args) -> int:
+    """Steps between two dev scorings: --evals-per-epoch of them an epoch."""
+    return max(1, math.ceil(steps_per_epoch / args.evals_per_epoch))
 
 
 @torch.inference_mode()
@@ -119,34 +157,44 @@ def plain_dev_score(task, model, data, tokenizer, precision) -> float:
 
 
 # ---- ours ------------------------------------------------------------------------------------------
-class EpochClock(NullLogger):
-    """A logger that notes the wall time and dev scores at every epoch end of a run."""
+class DevClock(NullLogger):
+    """A logger that notes each dev scoring of a run: its scores and the run's training time. The
+    scoring is the time between the last training step's log and the scores' log; it is left
+    out, as on the plain side."""
 
     def __init__(self, start: float):
-        self.started, self.points = start, []
+        self.clock, self.points, self.last_step = Clock(start), [], None
 
     def log(self, metrics: dict, step: int) -> None:
-        if "dev/overall" in metrics:
-            point = {"epoch": metrics["epoch"], "wall": time.perf_counter() - self.started,
-                     **{k: v for k, v in metrics.items() if "/dev/" in k or k == "dev/overall"}}
-            self.points.append(point)
-            print(f"ours   epoch {point['epoch']}: {line(point)}", flush=True)
+        now = time.perf_counter()
+        if "dev/overall" not in metrics:
+            self.last_step = now  # a training step's losses (or the run's first log)
+            return
+        if self.last_step is not None:
+            self.clock.scoring += now - self.last_step
+        point = {"epoch": metrics["epoch"], "step": step, "wall": self.clock.training(),
+                 **{k: v for k, v in metrics.items() if "/dev/" in k or k == "dev/overall"}}
+        self.points.append(point)
+        print(f"ours   epoch {point['epoch']} step {step}: {line(point)}", flush=True)
 
 
-def run_ours(args, root: Path) -> list[dict]:
+def run_ours(args, root: Path, every: int) -> list[dict]:
+    """train.py's run with the preset, scoring dev every `every` steps."""
     from hydra import compose, initialize_config_dir
     import trainers.run as run_module
 
     start = time.perf_counter()
     overrides = [*args.preset, f"precision={args.precision}", f"trainer.epochs={args.epochs}",
                  f"data.root={root}", "logger=none", "progress=false",
-                 f"data.limit_train={args.limit_train or 'null'}", f"seed={args.seed}"]
+                 f"data.limit_train={args.limit_train or 'null'}",
+                 f"data.limit_eval={args.limit_eval or 'null'}", f"seed={args.seed}",
+                 f"trainer.eval_every_n_steps={every}"]
     if args.peft == "lora":  # the preset's lr is tuned for full fine-tuning: LoRA's lr as plain's
         overrides += ["peft=lora", "peft.rank=8", "peft.targets=attn_qkv", f"peft.lr={args.lr}"]
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    clock = EpochClock(start)
+    clock = DevClock(start)
     real_build = run_module.build  # the run's logger is our clock
     run_module.build = lambda node, key, **kw: clock if key == "logger" else real_build(node, key,
                                                                                          **kw)
@@ -166,7 +214,7 @@ def line(point: dict) -> str:
 
 
 def time_to_reach(points: list[dict], target: float) -> float | None:
-    """Wall time of the first epoch end at or above `target` (None: never reached)."""
+    """Training time of the first scoring at or above `target` (None: never reached)."""
     return next((p["wall"] for p in points if p["dev/overall"] >= target - 1e-12), None)
 
 
@@ -179,7 +227,8 @@ def plot(plain: list[dict], ours: list[dict], path: Path, title: str) -> Path:
         ax.plot([0] + [p["wall"] / 60 for p in points], [math.nan] + [p["dev/overall"]
                                                                       for p in points],
                 marker="o", label=name)
-    ax.set(xlabel="wall time (min)", ylabel="dev overall", title=title)
+    ax.set(xlabel="training time (min; dev scoring not counted)", ylabel="dev overall",
+           title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120)
@@ -189,27 +238,43 @@ def plot(plain: list[dict], ours: list[dict], path: Path, title: str) -> Path:
 def report(plain: list[dict], ours: list[dict], args) -> None:
     target = plain[-1]["dev/overall"]
     t_plain, t_ours = time_to_reach(plain, target), time_to_reach(ours, target)
-    print(f"\n| pipeline | epoch | SST acc | Para acc | STS r | dev overall | wall (min) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n| pipeline | epoch | step | SST acc | Para acc | STS r | dev overall | "
+          f"training (min) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, points in (("plain", plain), ("ours", ours)):
         for p in points:
-            print(f"| {name} | {p['epoch']} | {p['sst/dev/acc']:.3f} | {p['para/dev/acc']:.3f} | "
-                  f"{p['sts/dev/pearson']:.3f} | {p['dev/overall']:.4f} | {p['wall'] / 60:.1f} |")
+            print(f"| {name} | {p['epoch']} | {p['step']} | {p['sst/dev/acc']:.3f} | "
+                  f"{p['para/dev/acc']:.3f} | {p['sts/dev/pearson']:.3f} | "
+                  f"{p['dev/overall']:.4f} | {p['wall'] / 60:.2f} |")
     if t_ours is None:
         print(f"\nours did not reach the plain pipeline's final dev overall {target:.4f}")
     else:
+        ratio = t_ours / t_plain
         print(f"\ntime to reach the plain pipeline's final dev overall {target:.4f}: ours "
-              f"{t_ours / 60:.1f} min, plain {t_plain / 60:.1f} min: ratio {t_ours / t_plain:.2f}")
+              f"{t_ours / 60:.2f} min, plain {t_plain / 60:.2f} min: ratio {ratio:.2f}")
+        print(f"target ({args.precision} on this machine, {args.scale}): ours reaches it in at most "
+              f"0.5x the plain pipeline's time: {'PASS' if ratio <= 0.5 else 'FAIL'} "
+              f"({ratio:.2f}x)")
     print(f"final dev overall: ours {ours[-1]['dev/overall']:.4f}, plain {target:.4f} "
           f"({'ours at least as good' if ours[-1]['dev/overall'] >= target else 'plain better'})")
+
+
+SIZES = {"default": (2000, None, 4), "quick": (200, 200, 2), "full": (None, None, 8)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--limit-train", type=int, default=None, help="training examples per task")
-    p.add_argument("--limit-eval", type=int, default=None, help="dev examples per task")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="200 examples a task (train and dev)")
+    size.add_argument("--full", action="store_true", help="all the data (the README's numbers)")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="training examples per task (default 2000; --quick 200; --full all)")
+    p.add_argument("--limit-eval", type=int, default=None,
+                   help="dev examples per task (default all; --quick 200)")
+    p.add_argument("--evals-per-epoch", type=int, default=None,
+                   help="dev scorings an epoch, each pipeline (default 4; --quick 2; --full 8)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     p.add_argument("--peft", choices=["none", "lora"], default="none")
     p.add_argument("--lr", type=float, default=None,
                    help="the plain pipeline's AdamW lr (default 5e-5; with --peft lora 5e-4, "
@@ -222,27 +287,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_quality.png"))
     p.add_argument("--only", choices=["plain", "ours"], default=None, help="one side alone")
     args = p.parse_args(argv)
+    if args.full and (args.limit_train or args.limit_eval):
+        p.error("--full runs on all the data; it cannot take --limit-train or --limit-eval")
+    args.scale = "full" if args.full else "quick" if args.quick else "default"
+    apply_size(args, args.scale, keep_given=True)
     if args.lr is None:
         args.lr = 5e-4 if args.peft == "lora" else 5e-5
     return args
+
+
+def apply_size(args, scale: str, keep_given: bool) -> None:
+    """The size preset's limits and scorings: for what was not given (`keep_given`), or capping
+    what was (to shrink a run)."""
+    def pick(given, preset):
+        if given is None or preset is None:
+            return preset if given is None else given
+        return given if keep_given else min(given, preset)
+
+    limit_train, limit_eval, evals = SIZES[scale]
+    args.limit_train = pick(args.limit_train, limit_train)
+    args.limit_eval = pick(args.limit_eval, limit_eval)
+    args.evals_per_epoch = pick(args.evals_per_epoch, evals)
+    args.scale = scale
+
+
+def choose_precision(args) -> None:
+    """`auto` resolved from the hardware; a bf16 that is not native here is measured at --quick's
+    size only (timing it at full size is hours on a CPU with only AVX2), and says so."""
+    from trainers.precision import bf16_support
+
+    support = bf16_support(torch.device("cpu"))
+    if args.precision == "auto":
+        args.precision = "bf16" if support.native else "fp32"
+        print(f"precision=auto -> {args.precision}: {support.reason}", flush=True)
+    elif args.precision == "bf16" and not support.native and args.scale != "quick":
+        print(f"bf16: not native here ({support.reason}); measured at --quick's size only, "
+              "not timed at full size (use --precision fp32 or auto)", flush=True)
+        apply_size(args, "quick", keep_given=False)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    choose_precision(args)
     root = resolve_root(args.data_root)
     tasks = get_tasks(["sst", "para", "sts"])
     raw = load_task_data(tasks, root, args.limit_train, args.limit_eval)
     precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) \
         if args.precision == "bf16" else contextlib.nullcontext
+    steps = sum(math.ceil(len(raw[t.name]["train"]) / 32) for t in tasks)
+    every = eval_interval(steps, args)
     print(f"threads={torch.get_num_threads()} epochs={args.epochs} precision={args.precision} "
-          f"peft={args.peft} train examples a task={args.limit_train or 'all'}", flush=True)
+          f"peft={args.peft} train examples a task={args.limit_train or 'all'} dev examples a "
+          f"task={args.limit_eval or 'all'} ({args.scale}); dev scored every {every} of {steps} "
+          "steps an epoch", flush=True)
     plain = run_plain(args, raw, precision) if args.only != "ours" else []
-    ours = run_ours(args, root) if args.only != "plain" else []
+    ours = run_ours(args, root, every) if args.only != "plain" else []
     if plain and ours:
         report(plain, ours, args)
-        title = f"{args.epochs} epoch(s), {args.precision}, peft={args.peft}"
+        title = f"{args.epochs} epoch(s), {args.precision}, peft={args.peft}, {args.scale} data"
         print(f"wrote {plot(plain, ours, args.out, title)}")
     return 0
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = (*PRECISIONS, "auto")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo's names for native bf16 on x86
-PROBE_SIZE = 128  # n of the probe's n x n matmuls: a few ms even where bf16 is emulated
+PROBE_SIZE = 256  # n of the probe's n x n matmuls: 0.2 ms in fp32, ~15 ms in emulated bf16
 SLOW = 1.5  # a probe ratio (bf16 time / fp32 time) above this means bf16 is not native
 
 
@@ -63,21 +63,22 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
     return {name for name, present in found.items() if present}
 
 
-def probe_slowdown(device: torch.device, n: int = PROBE_SIZE, repeats: int = 5) -> float:
-    """How many times longer a bf16 n x n matmul takes than an fp32 one (best of `repeats`)."""
-    a = torch.randn(n, n, device=device)
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = a.to(dtype)
-        torch.mm(x, x)  # warm-up: the kernel's lazy init
-        times = []
-        for _ in range(repeats):
+def probe_slowdown(device: torch.device, n: int = PROBE_SIZE, rounds: int = 3) -> float:
+    """How many times longer a bf16 n x n matmul takes than an fp32 one: the two timed in turn,
+    `rounds` times after a warm-up each, the best time of each kept (a busy machine slows a
+    round, never speeds one up)."""
+    x = {dtype: torch.randn(n, n, device=device).to(dtype)
+         for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(x, float("inf"))
+    for dtype, a in x.items():
+        torch.mm(a, a)  # warm-up: the kernel's lazy init, the thread pool
+    for _ in range(rounds):
+        for dtype, a in x.items():
             t0 = time.perf_counter()
-            torch.mm(x, x)
+            torch.mm(a, a)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        best[dtype] = min(times)
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
     return best[torch.bfloat16] / max(best[torch.float32], 1e-9)
 
 
