@@ -77,6 +77,7 @@ from minbert.peft.prefix import Prefix  # noqa: E402
 from minbert.peft.prompt import Prompt  # noqa: E402
 from minbert.peft.qlora import QLora  # noqa: E402
 from minbert.peft.vera import Vera  # noqa: E402
+from trainers.precision import machine_class  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TRAIN_METHODS = {  # row label -> method, built the same way for minBERT and for peft
@@ -288,7 +289,7 @@ def report(seconds: dict, infer_rows: list[str], params: dict, n_examples: int) 
         print(f"{row:<28} {'':>10} {exs((row, 'ours')):>18} {'':>18} "
               f"{paired(seconds, base, (row, 'ours')):>10.3f}")
 
-    print("\ntargets:")
+    print(f"\ntargets (speed ratios, fp32, measured on a {machine_class()}):")
     results = []
 
     def target(ok: bool, text: str) -> None:

@@ -115,6 +115,21 @@ def bf16_support(device: torch.device) -> Bf16Support:
     return cpu_bf16_support(cpu_flags(), probe_slowdown(device))
 
 
+def machine_class(device: torch.device | str = "cpu") -> str:
+    """The kind of machine a benchmark's numbers and targets apply to, in a few words: 'CPU with
+    native bf16 (amx_bf16)', 'CPU without native bf16 (AVX2)', 'GPU NVIDIA H200 (bf16)'."""
+    device = torch.device(device)
+    support = bf16_support(device)
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)} ({'bf16' if support.native else 'no bf16'})"
+    flags = cpu_flags() or set()
+    have = [f for f in BF16_FLAGS if f in flags]
+    if support.native:
+        return f"CPU with native bf16 ({', '.join(have) or 'probed'})"
+    isa = torch.backends.cpu.get_cpu_capability()  # what torch's kernels use: AVX512, AVX2, ...
+    return f"CPU without native bf16 ({isa}{', bf16 flags unused' if have else ''})"
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     if precision not in CHOICES:
         raise ConfigError(f"precision={precision!r}; use one of {list(CHOICES)}")
