@@ -52,13 +52,14 @@ def measure(args, native: bool) -> dict[str, list[tuple[float, float]]]:
     base += [f"data.limit_train={args.limit_train}", f"data.limit_eval={args.limit_train}"]
     timed = ["auto", "fp32"] + (["bf16"] if native else [])
     out: dict[str, list] = {p: [] for p in timed}
+    brief = [*base[:-2], "data.limit_train=16", "data.limit_eval=16"]
+    timed_run([*brief, "precision=fp32"])  # warm-up, untimed: the first run loads and caches
     for r in range(args.rounds):
         for precision in (timed if r % 2 == 0 else timed[::-1]):
             out[precision].append(timed_run([*base, f"precision={precision}"]))
             print(f"round {r + 1}: precision={precision}: {out[precision][-1][0]:.1f} s, "
                   f"dev/overall {out[precision][-1][1]:.4f}", flush=True)
     if not native:  # measured briefly: a few examples, not the run's size
-        brief = [*base[:-2], "data.limit_train=16", "data.limit_eval=16"]
         out["bf16 (16 examples a task)"] = [timed_run([*brief, "precision=bf16"])]
         out["fp32 (16 examples a task)"] = [timed_run([*brief, "precision=fp32"])]
     return out

@@ -99,7 +99,7 @@ def _run(monkeypatch, capsys, native: bool) -> tuple[str, list[list[str]]]:
 def test_quick_run_with_native_bf16_times_the_bf16_step(monkeypatch, capsys):
     out, limits = _run(monkeypatch, capsys, native=True)
     assert limits == [["fp32", "fp32 GEMMs", "bf16"]]
-    assert re.search(r"bf16: native here \(the test says so\); peak \d+ GFLOP/s \(n=2048\)", out)
+    assert re.search(r"bf16: native here \(the test says so\); peak \d+ GFLOP/s \(n=1024\)", out)
     assert re.search(r"minBERT train step bf16: [\d.]+ ex/s, \d+ GFLOP/s = \d+% of the bf16 square", out)
     assert re.search(r"targets \(CPU with native bf16\): bf16 step >= 40% of the bf16 peak: \d+% "
                      r"(PASS|FAIL); bf16 >= 1.8x fp32: [\d.]+x (PASS|FAIL)", out)
