@@ -47,12 +47,12 @@ def timed_run(overrides: list[str]) -> tuple[float, float]:
 
 def measure(args, native: bool) -> dict[str, list[tuple[float, float]]]:
     """Each precision's (seconds, score) per round, the precisions taking turns."""
-    base = [*args.preset, "logger=none", "progress=false", f"seed={args.seed}"]
-    base += [f"data.root={args.data_root}"] if args.data_root else []
-    base += [f"data.limit_train={args.limit_train}", f"data.limit_eval={args.limit_train}"]
+    common = [*args.preset, "logger=none", "progress=false", f"seed={args.seed}"]
+    common += [f"data.root={args.data_root}"] if args.data_root else []
+    base = [*common, f"data.limit_train={args.limit_train}", f"data.limit_eval={args.limit_train}"]
+    brief = [*common, "data.limit_train=16", "data.limit_eval=16"]
     timed = ["auto", "fp32"] + (["bf16"] if native else [])
     out: dict[str, list] = {p: [] for p in timed}
-    brief = [*base[:-2], "data.limit_train=16", "data.limit_eval=16"]
     timed_run([*brief, "precision=fp32"])  # warm-up, untimed: the first run loads and caches
     for r in range(args.rounds):
         for precision in (timed if r % 2 == 0 else timed[::-1]):

@@ -105,7 +105,9 @@ def plain_points(tasks, models, data, tokenizer, precision, clock: Clock, where:
     return {**where, "wall": clock.training(), **scores}
 
 
-def run_plain(args, data, precision) -> list[dict]:
+def run_plain(args, data, precision, every: int) -> list[dict]:
+    """The plain pipeline's epochs, its three models scored on dev every `every` steps and at
+    each epoch's end."""
     import transformers
 
     clock = Clock(time.perf_counter())
@@ -116,14 +118,19 @@ def run_plain(args, data, precision) -> list[dict]:
     models = {t.name: plain_model(t.name, folder, args.peft == "lora") for t in tasks}
     optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr)
               for n, m in models.items()}
-    every = eval_interval(sum(math.ceil(len(data[t.name]["train"]) / 32) for t in tasks), args)
     g, points, step = torch.Generator().manual_seed(args.seed), [], 0
+
+    def score(epoch: int) -> None:
+        points.append(plain_points(tasks, models, data, tokenizer, precision, clock,
+                                   {"epoch": epoch, "step": step}))
+        print(f"plain  epoch {epoch} step {step}: {line(points[-1])}", flush=True)
+
     for epoch in range(1, args.epochs + 1):
         for task in tasks:
             model, split = models[task.name], data[task.name]["train"]
             for enc, y in plain_batches(split, tokenizer, 32, torch.randperm(len(split), generator=g)
                                         .tolist()):
-                model.train()
+                model.train()  # scoring leaves every model in eval mode
                 with precision():
                     loss, _ = plain_loss_and_predict(task, model, enc, y)
                 loss.backward()
@@ -131,13 +138,9 @@ def run_plain(args, data, precision) -> list[dict]:
                 optims[task.name].zero_grad()
                 step += 1
                 if step % every == 0:
-                    points.append(plain_points(tasks, models, data, tokenizer, precision, clock,
-                                               {"epoch": epoch, "step": step}))
-                    print(f"plain  epoch {epoch} step {step}: {line(points[-1])}", flush=True)
+                    score(epoch)
         if not points or points[-1]["step"] != step:  # the epoch's end
-            points.append(plain_points(tasks, models, data, tokenizer, precision, clock,
-                                       {"epoch": epoch, "step": step}))
-            print(f"plain  epoch {epoch} step {step}: {line(points[-1])}", flush=True)
+            score(epoch)
     return points
 
 
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
           f"peft={args.peft} train examples a task={args.limit_train or 'all'} dev examples a "
           f"task={args.limit_eval or 'all'} ({args.scale}); dev scored every {every} of {steps} "
           "steps an epoch", flush=True)
-    plain = run_plain(args, raw, precision) if args.only != "ours" else []
+    plain = run_plain(args, raw, precision, every) if args.only != "ours" else []
     ours = run_ours(args, root, every) if args.only != "plain" else []
     if plain and ours:
         report(plain, ours, args)

@@ -43,9 +43,9 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: str | None,
-                 precision: tuple[str, str] | None = None) -> None:
+                 precision: tuple[str, str]) -> None:
     """`precision`: (the one the run computes in, why: `trainers.precision.run_precision`)."""
-    chosen, why = precision or (cfg.get("precision", "fp32"), "as configured")
+    chosen, why = precision
     write_json(Path(run_dir) / RUN_FILE, {
         "tasks": [t.name for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),
         "precision": {"requested": cfg.get("precision", "fp32"), "chosen": chosen, "why": why},
