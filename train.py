@@ -37,6 +37,13 @@ def main(cfg: DictConfig) -> float:
     """Runs one job; returns dev/overall, the objective of sweeps (-inf for a failed job)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        check_task_keys(list(hydra_cfg.overrides.task))
+    except ConfigError as e:
+        if multirun:
+            return record_failure(hydra_cfg.runtime.output_dir, e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     label_run(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.sweep.dir if multirun else None,
               hydra_cfg.job.override_dirname)
     try:
@@ -50,6 +57,18 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", e)  # bad input: one clear message, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_task_keys(overrides: list[str]) -> None:
+    """`order=` is a preset of `tasks=`, and `trainer.task=` (trainer=single) trains one task
+    whatever `tasks` says: given together on the command line, one would silently replace the
+    other, so they are refused."""
+    given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides if "=" in o}
+    for a, b in (("order", "tasks"), ("trainer.task", "tasks")):
+        if a in given and b in given:
+            raise ConfigError(f"`{given[a]}` and `{given[b]}` both choose the tasks of the run; "
+                              f"give one of them" + (" (order=x-y-z is tasks=[x,y,z])"
+                                                     if a == "order" else ""))
 
 
 def run_dir(cfg: DictConfig, multirun: bool, output_dir: str) -> str:

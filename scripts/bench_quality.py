@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minbert.checkpoint import resolve_checkpoint  # noqa: E402
-from tasks import get_tasks  # noqa: E402
+from tasks.registry import get_tasks  # noqa: E402
 from tasks.base import overall_score  # noqa: E402
 from tasks.data import load_task_data, resolve_root  # noqa: E402
 from trainers.loggers import NullLogger  # noqa: E402
@@ -98,7 +98,7 @@ class Clock:
 def plain_points(tasks, models, data, tokenizer, precision, clock: Clock, where: dict) -> dict:
     """All three plain models scored on dev (untrained ones too): one point of the curve."""
     t0 = time.perf_counter()
-    scores = {t.metric_key: plain_dev_score(t, models[t.name], data, tokenizer, precision)
+    scores = {t.metric_key(): plain_dev_score(t, models[t.name], data, tokenizer, precision)
               for t in tasks}
     clock.scoring += time.perf_counter() - t0
     scores["dev/overall"] = overall_score(tasks, scores)
@@ -156,7 +156,7 @@ def plain_dev_score(task, model, data, tokenizer, precision) -> float:
     for enc, _ in plain_batches(split, tokenizer, 128, list(range(len(split)))):
         with precision():
             preds.append(plain_loss_and_predict(task, model, enc, None)[1].float())
-    return task.score(torch.cat(preds).numpy(), np.asarray(split.labels))
+    return task.score(torch.cat(preds).numpy(), np.asarray(split.labels))[task.metric_key()]
 
 
 # ---- ours ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from minbert.errors import MinbertError
 from minbert.model import BertConfig, BertModel
 from minbert.peft import param_counts
-from tasks import get_tasks
+from tasks.registry import get_tasks
 from trainers.build import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,7 +38,7 @@ def count(model: str, peft: str, rank: int | None, targets: str | None, extra: l
     overrides += [f"peft.targets={targets}"] if targets is not None else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    chosen = get_tasks(tasks or list(cfg.order.tasks))
+    chosen = get_tasks(tasks or list(cfg.tasks))
     if meta:  # bert-base's shapes (BertConfig's defaults), no storage
         with torch.device("meta"):
             model = build_model(cfg, chosen, encoder=BertModel(BertConfig()))
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=None,
                         help="default attn_qkv all_linear, for methods with targets presets")
     parser.add_argument("--tasks", nargs="+", default=None,
-                        help="the heads to count (default: the three of `order`)")
+                        help="the heads to count (default: the config's `tasks`)")
     parser.add_argument("--meta", action="store_true",
                         help="bert-base shapes on the meta device, without its checkpoint")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. peft.bias=all")

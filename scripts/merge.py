@@ -60,7 +60,7 @@ def remerge(run_dir: Path, method: str | None, weights: list[float] | None, opti
                            options)
     heads = {n: t for e in experts.values() for n, t in e.items() if n.startswith("heads.")}
     raw = load_task_data(saved.tasks, resolve_root(data_root or saved.cfg.data.root), None,
-                         saved.cfg.data.limit_eval)
+                         saved.cfg.data.limit_eval, saved.cfg.data.get("cache_dir"))
     data = encode_data(saved.cfg, saved.model, {t: {"dev": s["dev"]} for t, s in raw.items()})
     ctx = RunContext(saved.model, saved.tasks, data, run_dir, None, progress=False,
                      method=saved.method, weights=merged_weights(saved.model, merged, heads))

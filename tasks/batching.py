@@ -11,7 +11,29 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.data import Split
+from tasks.data import Split, fingerprint
+
+
+def tokenizer_key(tokenizer) -> str:
+    """What identifies a tokenizer's output: its full serialized state (vocabulary, normalizer,
+    special tokens), hashed once per tokenizer object."""
+    cached = getattr(tokenizer, "_minbert_key", None)
+    if cached is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab()))
+        cached = fingerprint(type(tokenizer).__name__, state)
+        tokenizer._minbert_key = cached
+    return cached
+
+
+def _tokenize(batch: dict, tokenizer, max_length: int, joint: bool, columns: int) -> dict:
+    texts = [batch[f"text_{c}"] for c in range(columns)]
+    segments = [texts] if joint else [[column] for column in texts]
+    out = {}
+    for s, args in enumerate(segments):
+        e = tokenizer(*args, truncation=True, max_length=max_length)
+        out[f"ids_{s}"], out[f"types_{s}"] = e["input_ids"], e["token_type_ids"]
+    return out
 
 
 @dataclass
@@ -32,20 +54,23 @@ class Batch:
 
 
 class EncodedSplit:
-    """Token ids of one split, ready to batch. `joint` chooses the pair encoding."""
+    """Token ids of one split, ready to batch. `joint` chooses the pair encoding. Tokenizing is a
+    `datasets` map cached under the split's fingerprint, the tokenizer's and the settings', so a
+    second run of the same task reads the token ids from Arrow files instead of tokenizing."""
 
     def __init__(self, split: Split, tokenizer, max_length: int, joint: bool):
         self.split, self.joint = split, joint
-
-        def encode(*texts):
-            e = tokenizer(*texts, truncation=True, max_length=max_length)
-            return e["input_ids"], e["token_type_ids"]
-
-        columns = [[t[c] for t in split.texts] for c in range(len(split.task.text_columns))]
-        if split.task.is_pair and joint:
-            self.segments = [encode(*columns)]  # [CLS] x1 [SEP] x2 [SEP], token types 0/1
-        else:
-            self.segments = [encode(column) for column in columns]  # one segment per sentence
+        pair_joint = split.task.is_pair and joint
+        tokenized = split.dataset.map(
+            _tokenize, batched=True, remove_columns=split.dataset.column_names,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "joint": pair_joint,
+                       "columns": len(split.task.text_columns)},
+            new_fingerprint=fingerprint(split.dataset._fingerprint, tokenizer_key(tokenizer),
+                                        max_length, pair_joint, "tokens"),
+            desc=f"tokenizing {split.task.name} {split.name}")
+        # [CLS] x1 [SEP] x2 [SEP] with token types 0/1 (joint pairs), else one segment a sentence
+        self.segments = [(tokenized[f"ids_{s}"], tokenized[f"types_{s}"])
+                         for s in range(1 if pair_joint else len(split.task.text_columns))]
         self.labels = None if split.labels is None else torch.tensor(split.labels)
 
     def __len__(self) -> int:

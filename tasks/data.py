@@ -1,50 +1,75 @@
-"""Reading CS224N-format task files: tab-separated, with a header row and an index column, as in
-the Stanford CS224N minBERT default project. Malformed rows (a missing sentence, an unparseable
-label) are skipped and counted per file; a missing file, wrong columns or an impossible label stop
-the run with a message that names the file and row.
+"""Reading a task's splits through the `datasets` library (Lhoest et al., 2021, "Datasets: A
+Community Library for Natural Language Processing"): `load_dataset` on local csv, tsv, JSON (Lines)
+and parquet files or a hub data set, and the CS224N files (tab-separated, header row, index column,
+as in the Stanford CS224N minBERT default project) through Python's csv module, whose quoting rules
+they were written with, into `Dataset.from_generator`. Every split is then checked in one cached
+`map`: rows without a text (or, in CS224N files, with an unparseable label) are skipped and counted;
+a missing file, a missing column or an impossible label stops the run with a message that names the
+file, the row and what to do. Each step is cached by `datasets`, so a second run reads Arrow files.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from minbert.errors import ConfigError, DataError
 from tasks.base import Task
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "dev", "test-student")
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long IMDB reviews exceed the 128 KiB default
+VERSION = "1"  # bump when validation changes what a cached split holds
+BUILDERS = {"csv": "csv", "tsv": "csv", "json": "json", "parquet": "parquet"}
 
 
 @dataclass
 class Split:
-    """One task's split in memory: ids, sentence tuples, labels (None for test-student)."""
+    """One task's split: a `datasets.Dataset` with columns id, text_0 (, text_1) (, label)."""
 
     task: Task
-    name: str  # train | dev | test-student
+    name: str  # train | dev | test, or a file's stem
     path: Path
-    ids: list[str] = field(default_factory=list)
-    texts: list[tuple[str, ...]] = field(default_factory=list)
-    labels: list[float] | None = None
+    dataset: datasets.Dataset
     skipped: int = 0
 
+    @classmethod
+    def from_rows(cls, task: Task, name: str, ids: list[str], texts: list[tuple[str, ...]],
+                  labels: list[float] | None = None, path: Path = Path("-")) -> "Split":
+        columns = {"id": ids, **{f"text_{c}": [t[c] for t in texts]
+                                 for c in range(len(task.text_columns))}}
+        columns.update({} if labels is None else {"label": [float(v) for v in labels]})
+        return cls(task, name, path, datasets.Dataset.from_dict(columns))
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.dataset)
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return self.dataset["id"]
+
+    @cached_property
+    def texts(self) -> list[tuple[str, ...]]:
+        return list(zip(*(self.dataset[f"text_{c}"] for c in range(len(self.task.text_columns)))))
+
+    @cached_property
+    def labels(self) -> list[float] | None:
+        return self.dataset["label"] if "label" in self.dataset.column_names else None
 
     def subset(self, n: int | None, seed: int = 0) -> "Split":
         """A fixed random subset of n examples (the same for every run with the same seed)."""
         if n is None or n >= len(self):
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
-        labels = None if self.labels is None else [self.labels[i] for i in keep]
-        return Split(self.task, self.name, self.path, [self.ids[i] for i in keep],
-                     [self.texts[i] for i in keep], labels, self.skipped)
+        return Split(self.task, self.name, self.path, self.dataset.select(keep), self.skipped)
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -57,86 +82,211 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return path
 
 
-def read_split(task: Task, root: Path, split: str) -> Split:
-    """Reads `<root>/<prefix>-<split>.csv`; test-student files have no label column."""
-    return read_file(task, task.path(root, split), split, labelled=split != "test-student")
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps([VERSION, *map(str, parts)]).encode()).hexdigest()[:16]
 
 
-def read_file(task: Task, path: Path, split: str, labelled: bool | None = None) -> Split:
-    """Reads any CS224N-format file of `task`. `labelled=None`: labelled if the header has the
-    task's label column (then every row's label is read and checked)."""
-    path = Path(path)
+def read_split(task: Task, root: Path, split: str, cache_dir: str | None = None) -> Split:
+    """A split of `task` as its source lists it; a test split's labels are not read."""
+    if task.format == "hub":
+        raw = _hub(task, split, cache_dir)
+        return _checked(task, raw, split, Path(f"{task.source['path']}:{split}"), split != "test")
+    path = task.path(root, split)
+    if path is None:
+        raise ConfigError(f"{task.file}: source.data_files has no {split} file")
+    return read_file(task, path, split, split != "test", cache_dir)
+
+
+def read_file(task: Task, path: Path, split: str, labelled: bool | None = None,
+              cache_dir: str | None = None, fmt: str | None = None) -> Split:
+    """Reads any file of `task` in its format (or `fmt`). `labelled=None`: labelled if the data
+    has the task's label column (then every row's label is read and checked)."""
+    path, fmt = Path(path), fmt or task.format
     if not path.is_file():
-        needed = ["id", *task.text_columns] + ([task.label_column] if labelled is not False else [])
-        raise DataError(f"{path} not found. Expected a tab-separated file with columns "
-                        f"{needed}; fetch the data with `python scripts/get_data.py`.")
+        raise DataError(f"{path} not found: the {split} file of task {task.name} "
+                        f"({task.file or 'its task file'}: source.data_files). Expected a {fmt} "
+                        f"file with columns {[*task.text_columns, task.label_column]}"
+                        + ("; fetch the CS224N data with `python scripts/get_data.py`."
+                           if fmt == "cs224n" else "."))
+    raw = _cs224n(task, path, split, cache_dir) if fmt == "cs224n" else _local(
+        fmt, path, split, cache_dir)
+    return _checked(task, raw, split, path, labelled, forgiving=fmt == "cs224n")
+
+
+def _local(fmt: str, path: Path, split: str, cache_dir) -> datasets.Dataset:
+    kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
+    try:
+        return datasets.load_dataset(BUILDERS[fmt], data_files={split: str(path)}, split=split,
+                                     cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # pyarrow's and pandas' parse errors
+        raise DataError(f"{path}: cannot read it as {fmt} ({type(e).__name__}: {e})") from e
+
+
+def _hub(task: Task, split: str, cache_dir) -> datasets.Dataset:
+    source = task.source
+    name = (source.get("splits") or {}).get(split)
+    if name is None:
+        raise ConfigError(f"{task.file}: source.splits has no {split} split")
+    try:
+        return datasets.load_dataset(source["path"], source.get("name"), split=name,
+                                     cache_dir=cache_dir)
+    except Exception as e:
+        raise DataError(f"{task.file}: cannot load {source['path']} ({source.get('name')}) split "
+                        f"{name} from the hub ({type(e).__name__}: {e}); a hub task needs the "
+                        "network once, or the data set in the datasets cache") from e
+
+
+def _cs224n_rows(path: str, columns: str, stamp: str):
+    """The rows of a CS224N file: the needed (tab-joined) `columns` as strings (None where a row
+    is short) and the row's line number. `stamp` (size, mtime) keys the datasets cache to this
+    version of the file. (No list arguments: `datasets` would shard the generator over a list.)"""
+    columns = columns.split("\t")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        for row in reader:
+            yield {**{c: row.get(c) for c in columns}, "_line": reader.line_num}
+
+
+def _cs224n(task: Task, path: Path, split: str, cache_dir) -> datasets.Dataset:
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            if labelled is None:
-                labelled = task.label_column in (reader.fieldnames or [])
-            out = Split(task, split, path, labels=[] if labelled else None)
-            _check_columns(path, reader.fieldnames,
-                           ["id", *task.text_columns] + ([task.label_column] if labelled else []))
-            for row in reader:
-                _add_row(out, row, reader.line_num)
+            header = next(csv.reader(f, delimiter="\t"), [])
     except (csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse as tab-separated UTF-8 ({e})") from e
+    wanted = [task.id_column or "id", *task.text_columns]
+    _check_columns(path, header, wanted, "a tab-separated header")
+    columns = wanted + ([task.label_column] if task.label_column in header else [])
+    stat = path.stat()
+    features = datasets.Features({**{c: datasets.Value("string") for c in columns},
+                                  "_line": datasets.Value("int64")})
+    try:
+        return datasets.Dataset.from_generator(
+            _cs224n_rows, features=features, cache_dir=cache_dir, split=split,
+            gen_kwargs={"path": str(path), "columns": "\t".join(columns),
+                        "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+    except (csv.Error, UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"{path}: cannot parse as tab-separated UTF-8 ({e.__cause__ or e})") from e
+
+
+def _check_columns(path, header, needed: list[str], what: str = "columns") -> None:
+    missing = [c for c in needed if c not in (header or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}. Expected {what} with columns "
+                        f"{needed}; the data has {list(header or [])}. Fix the file, or the "
+                        "task file's `columns:`.")
+
+
+def _checked(task: Task, raw: datasets.Dataset, split: str, path: Path, labelled: bool | None,
+             forgiving: bool = False) -> Split:
+    """The rows of `raw` that are usable, as id/text_i/label columns; the rest counted."""
+    id_column = task.id_column or ("id" if "id" in raw.column_names else None)
+    if labelled is None:
+        labelled = task.label_column in raw.column_names
+    needed = [*([id_column] if id_column else []), *task.text_columns]
+    _check_columns(path, raw.column_names, needed + ([task.label_column] if labelled else []))
+    check = _RowCheck(task, str(path), id_column, labelled, forgiving,
+                      "_line" in raw.column_names, task.format in ("csv", "tsv"))
+    rows = raw.map(check, batched=True, with_indices=True, remove_columns=raw.column_names,
+                   new_fingerprint=fingerprint(raw._fingerprint, check.key(), "check"),
+                   desc=f"checking {path.name}")
+    ok = rows.filter(lambda keep: keep, input_columns="_ok", batched=False,
+                     new_fingerprint=fingerprint(rows._fingerprint, "ok"))
+    out = Split(task, split, path, ok.remove_columns("_ok"), skipped=len(raw) - len(ok))
     level = logging.WARNING if out.skipped else logging.INFO
     log.log(level, "%s: %d rows read, %d malformed rows skipped", path.name, len(out), out.skipped)
     return out
 
 
-def _check_columns(path: Path, header: list[str] | None, needed: list[str]) -> None:
-    missing = [c for c in needed if c not in (header or [])]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}. Expected a tab-separated header "
-                        f"with columns {needed}; found {header}.")
+class _RowCheck:
+    """The batched check of raw rows: texts stripped, labels parsed and range-checked."""
 
+    def __init__(self, task: Task, path: str, id_column, labelled: bool, forgiving: bool,
+                 lines: bool, header_line: bool):
+        self.task, self.path, self.id_column, self.labelled = task, path, id_column, labelled
+        self.forgiving, self.lines, self.header_line = forgiving, lines, header_line
 
-def _add_row(out: Split, row: dict, line: int) -> None:
-    """Appends one row, skips it if malformed, raises if its label is impossible."""
-    task = out.task
-    texts = tuple((row.get(c) or "").strip() for c in task.text_columns)
-    example_id = (row.get("id") or "").strip()
-    if not example_id or not all(texts):
-        out.skipped += 1
-        return
-    if out.labels is not None:
-        raw = row.get(task.label_column)
+    def key(self) -> str:
+        t = self.task
+        return fingerprint(t.kind, t.text_columns, t.label_column, t.num_labels, t.label_range,
+                           self.id_column, self.labelled, self.forgiving)
+
+    def where(self, batch, i: int, index: int, example_id: str) -> str:
+        if self.lines:
+            return f"{self.path}, line {batch['_line'][i]} (id {example_id})"
+        if self.header_line:
+            return f"{self.path}, line {index + 2} (id {example_id})"
+        return f"{self.path}, row {index + 1} (id {example_id})"
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        task = self.task
+        out = {"id": [], **{f"text_{c}": [] for c in range(len(task.text_columns))}, "_ok": []}
+        out.update({"label": []} if self.labelled else {})
+        for i, index in enumerate(indices):
+            raw_id = batch[self.id_column][i] if self.id_column else index
+            example_id = "" if raw_id is None else str(raw_id).strip()
+            texts = [str(batch[c][i] or "").strip() for c in task.text_columns]
+            ok = bool(example_id) and all(texts)
+            label = 0.0
+            if ok and self.labelled:
+                label, ok = self.label(batch[task.label_column][i], batch, i, index, example_id)
+            out["id"].append(example_id)
+            for c, text in enumerate(texts):
+                out[f"text_{c}"].append(text)
+            out["_ok"].append(ok)
+            if self.labelled:
+                out["label"].append(label)
+        return out
+
+    def label(self, raw, batch, i: int, index: int, example_id: str) -> tuple[float, bool]:
+        """(the label, usable?): a missing one skips the row, a non-number skips it in a CS224N
+        file (its known malformed rows) and is an error elsewhere, an impossible one is an error."""
+        task = self.task
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return 0.0, False
         try:
-            label = task.parse_label(raw)
+            value = float(raw)
+            if value != value:  # NaN
+                raise ValueError("NaN")
         except (TypeError, ValueError):
-            out.skipped += 1
-            return
-        if not task.label_ok(label):
-            lo, hi = task.label_range
-            kind = "an integer" if task.integer_labels else "a number"
-            raise DataError(f"{out.path}, line {line} (id {example_id}): {task.label_column}="
-                            f"{raw!r} is not {kind} in [{lo:g}, {hi:g}]. Fix or delete that row.")
-        out.labels.append(label)
-    out.ids.append(example_id)
-    out.texts.append(texts)
+            if self.forgiving:
+                return 0.0, False
+            raise DataError(f"{self.where(batch, i, index, example_id)}: {task.label_column}="
+                            f"{raw!r} is not a number; {task.name} is {task.kind}, whose labels "
+                            f"are {task.label_rule()}. Fix or delete that row.") from None
+        if not task.label_ok(value):
+            raise DataError(f"{self.where(batch, i, index, example_id)}: {task.label_column}="
+                            f"{raw!r} is not {task.label_rule()}. Fix or delete that row"
+                            + ("" if task.is_regression else ", or raise num_labels in "
+                               f"{task.file or 'the task file'}") + ".")
+        return value, True
 
 
-def load_task_data(tasks: list[Task], root: Path, limit_train: int | None = None,
-                   limit_eval: int | None = None) -> dict[str, dict[str, Split]]:
+def load_task_data(tasks: list[Task], root: Path | None, limit_train: int | None = None,
+                   limit_eval: int | None = None, cache_dir: str | None = None
+                   ) -> dict[str, dict[str, Split]]:
     """Reads every split of every task before any training, so bad data fails the run early.
-    A missing test-student file is allowed (it only means no test predictions)."""
+    A missing test file is allowed (it only means no test predictions)."""
     for key, limit in (("data.limit_train", limit_train), ("data.limit_eval", limit_eval)):
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ConfigError(f"{key}={limit!r} must be a positive integer, or null for no cap")
     data: dict[str, dict[str, Split]] = {}
     for task in tasks:
         splits = {}
-        for split in SPLITS:
-            if split == "test-student" and not task.path(root, split).is_file():
-                log.warning("%s not found: no test predictions for %s", task.path(root, split),
-                            task.name)
+        for split in ("train", "dev", "test"):
+            if split == "test" and not _has_test(task, root):
                 continue
             limit = limit_train if split == "train" else limit_eval
-            splits[split] = read_split(task, root, split).subset(limit)
+            splits[split] = read_split(task, root, split, cache_dir).subset(limit)
             if not len(splits[split]):
                 raise DataError(f"{splits[split].path} has no usable rows")
         data[task.name] = splits
     return data
+
+
+def _has_test(task: Task, root) -> bool:
+    if task.format == "hub":
+        return "test" in (task.source.get("splits") or {})
+    path = task.path(root, "test")
+    if path is not None and not path.is_file():
+        log.warning("%s not found: no test predictions for %s", path, task.name)
+    return path is not None and path.is_file()

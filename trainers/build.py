@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from minbert.checkpoint import load_tokenizer
 from minbert.errors import ConfigError, MinbertError
 from minbert.peft import PeftMethod
-from tasks import get_tasks
+from tasks.registry import get_tasks
 from tasks.base import Task
 from tasks.batching import EncodedSplit
 from tasks.model import MultitaskModel
@@ -49,8 +49,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_tasks(cfg: DictConfig, trainer) -> list[Task]:
-    """The tasks a run trains, in order: the trainer's own (`trainer=single`), else `order`."""
-    return get_tasks(getattr(trainer, "tasks", None) or list(cfg.order.tasks))
+    """The tasks a run trains, in order, each read from its `task/<name>.yaml`: the trainer's own
+    (`trainer=single trainer.task=sts`), else `tasks` (which `order=` presets set)."""
+    names = getattr(trainer, "tasks", None) or cfg.get("tasks")
+    if not names:
+        raise ConfigError("tasks: no tasks to train; set tasks=[sst,para,sts] or order=...")
+    return get_tasks(list(names))
+
+
+def build_head(cfg: DictConfig, task: Task, hidden_size: int) -> nn.Module:
+    """The task's head: `heads.<its kind>` with the task file's `head:` keys over it, sized from
+    the task: its outputs, and for a head with an aggregator on a regression task, the label_range
+    the scaled cosine spans."""
+    if task.kind not in cfg.heads:
+        raise ConfigError(f"heads={cfg.heads.get('design')} has no `{task.kind}` entry, the head "
+                          f"settings of task {task.name}'s kind; add one to conf/heads/")
+    node = cfg.heads[task.kind]
+    unknown = [k for k in task.head if k not in node]
+    if unknown:
+        raise ConfigError(f"{task.file}: head.{unknown[0]}: heads.{task.kind} "
+                          f"({node.get('_target_')}) has no such setting; it has "
+                          f"{[k for k in node if k != '_target_']}")
+    node = OmegaConf.merge(node, task.head)
+    sizes = {"num_outputs": task.num_outputs}
+    if task.is_regression and "aggregator" in node:
+        sizes["label_range"] = list(task.label_range)
+    return build(node, f"heads.{task.kind} (task {task.name})", hidden_size=hidden_size, **sizes)
 
 
 def build_method(cfg: DictConfig) -> PeftMethod:
@@ -69,8 +93,7 @@ def build_model(cfg: DictConfig, tasks, method: PeftMethod | None = None,
         encoder = (method or build_method(cfg)).apply(encoder)
     except ConfigError as e:
         raise ConfigError(f"peft: {e}") from e
-    heads = {t.name: build(cfg.heads[t.name], f"heads.{t.name}", hidden_size=encoder.hidden_size)
-             for t in tasks}
+    heads = {t.name: build_head(cfg, t, encoder.hidden_size) for t in tasks}
     return MultitaskModel(encoder, heads, pooling=cfg.model.pooling)
 
 

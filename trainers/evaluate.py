@@ -89,8 +89,7 @@ def evaluate(ctx: RunContext, split: str = "dev", tasks: list[Task] | None = Non
     for task in tasks:
         data = ctx.data[split][task.name]
         preds[task.name] = predict_task(ctx, task, data)
-        gold = data.labels.numpy()
-        metrics[f"{task.name}/{split}/{task.metric}"] = task.score(preds[task.name], gold)
+        metrics.update(task.score(preds[task.name], data.labels.numpy(), split))
     if split == "dev":
         metrics["dev/overall"] = overall_score(tasks, metrics)
     return metrics, preds
@@ -98,11 +97,11 @@ def evaluate(ctx: RunContext, split: str = "dev", tasks: list[Task] | None = Non
 
 def write_predictions(run_dir: Path, task: Task, split: str, ids: list[str], preds,
                       name: str | None = None) -> Path:
-    """Writes the CS224N leaderboard format: `id \\t Predicted_X` then `id , prediction` lines,
+    """Writes the CS224N leaderboard format: `id \\t Predicted_X` then `id , prediction` lines
+(class ids as integers, scores with six decimals),
     to `<run_dir>/predictions/<task>-<split>-output.csv`, or to `<run_dir>/<name>` if named;
     atomically, like every file a run writes."""
-    default = f"predictions/{task.name}-{split.removesuffix('-student')}-output.csv"
-    fmt = (lambda v: f"{v:.6f}") if task.metric == "pearson" else (lambda v: f"{int(v)}")
+    default = f"predictions/{task.name}-{split}-output.csv"
     lines = [f"id \t {task.prediction_column} \n"]
-    lines += [f"{example_id} , {fmt(p)} \n" for example_id, p in zip(ids, preds)]
+    lines += [f"{example_id} , {task.format_prediction(p)} \n" for example_id, p in zip(ids, preds)]
     return write_text(Path(run_dir) / (name or default), "".join(lines))

@@ -1,8 +1,9 @@
 """What a run records about itself, and the one loader that rebuilds a finished run for every
 script (export, merge, predict).
 
-`run.json` is written when a run starts: the tasks it trains, in order (the one list of a run's
-tasks), its resolved config, the precision it computes in and why (`precision=auto` resolved),
+`run.json` is written when a run starts: the tasks it trains, in order, each with its resolved
+task config (the one list of a run's tasks; a finished run is rebuilt from it, not from the task
+files, which may have changed since), its resolved config, the precision it computes in and why (`precision=auto` resolved),
 torch's version and thread count, and the W&B run id. A run started
 again in the same folder (`resume=<dir>`, or a sweep relaunched with the same `hydra.sweep.dir`)
 is checked against it: a different config is refused, naming the keys that differ, except keys
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from minbert.durable import write_json
 from minbert.errors import CheckpointError, ConfigError, MinbertError
 from minbert.peft import PeftMethod
-from tasks import get_tasks
+from tasks.registry import get_tasks, task_from_config, to_config
 from tasks.base import Task
 from tasks.model import MultitaskModel
 from trainers.build import build, build_method, build_model, resolve_device, run_tasks, \
@@ -47,7 +48,7 @@ def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: st
     """`precision`: (the one the run computes in, why: `trainers.precision.run_precision`)."""
     chosen, why = precision
     write_json(Path(run_dir) / RUN_FILE, {
-        "tasks": [t.name for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),
+        "tasks": [to_config(t) for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),
         "precision": {"requested": cfg.get("precision", "fp32"), "chosen": chosen, "why": why},
         "torch": str(torch.__version__), "threads": torch.get_num_threads(), "wandb_id": wandb_id})
 
@@ -67,8 +68,11 @@ def config_changes(saved: dict, cfg: DictConfig) -> list[str]:
     return [f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in keys]
 
 
-def check_same_run(run_dir: Path, record: dict, cfg: DictConfig) -> None:
+def check_same_run(run_dir: Path, record: dict, cfg: DictConfig, tasks: list[Task]) -> None:
     changes = config_changes(record.get("config", {}), cfg)
+    saved = {t.get("name"): t for t in record.get("tasks", []) if isinstance(t, dict)}
+    changes += [f"task {t.name} ({t.file}) changed since the run started" for t in tasks
+                if t.name in saved and saved[t.name] != to_config(t)]
     if changes:
         raise ConfigError(f"{run_dir} holds a run with another config, which it will not resume: "
                           + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "")
@@ -100,13 +104,18 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 
 def saved_tasks(run_dir: Path, cfg: DictConfig, trainer) -> list[Task]:
-    """The task list a run saved in `run.json` (runs made before it existed: from the config)."""
+    """The tasks a run saved in `run.json`, each with the config it trained with (runs made
+    before task configs were saved: read from the task files by name)."""
     record = read_record(run_dir)
     if record is None:
         return run_tasks(cfg, trainer)
+    path = Path(run_dir) / RUN_FILE
     try:
-        return get_tasks(record["tasks"])
-    except (KeyError, TypeError) as e:
+        saved = record["tasks"]
+        if all(isinstance(t, str) for t in saved):
+            return get_tasks(saved)
+        return [task_from_config(t, f"{path} (task {t.get('name')})") for t in saved]
+    except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{Path(run_dir) / RUN_FILE} has no task list ({e}); it should hold "
                               '{"tasks": [...]}, the tasks the run trained') from e
 

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from minbert.durable import RunLock, fault_point, write_json
 from minbert.peft import check_mergeable, param_counts
-from tasks.data import load_task_data, resolve_root
+from tasks.data import load_task_data
+from tasks.download import data_root
 from trainers.build import (build, build_method, build_model, encode_data, resolve_device,
                             run_tasks, seed_everything)
 from trainers.evaluate import RunContext, evaluate, predict_task, write_predictions
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None):
+def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None,
+          tasks: list | None = None):
     """Everything a run trains with, built before any training so that bad input fails early:
     (the trainer, the logger, the RunContext: model, tasks, encoded data, ...). `precision`: the
     one to compute in (`run` passes the resolved one; None: `cfg.precision` resolved here)."""
@@ -43,12 +45,12 @@ def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None):
     run_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
-    tasks = run_tasks(cfg, trainer)
+    tasks = run_tasks(cfg, trainer) if tasks is None else tasks
     method = build_method(cfg)
     if getattr(trainer, "merges", None):
         check_mergeable(method, trainer.merges)  # before any data is read or a step is taken
-    raw = load_task_data(tasks, resolve_root(cfg.data.root), cfg.data.limit_train,
-                         cfg.data.limit_eval)
+    raw = load_task_data(tasks, data_root(cfg, tasks), cfg.data.limit_train, cfg.data.limit_eval,
+                         cfg.data.get("cache_dir"))
     device = resolve_device(cfg.device)
     if precision is None:
         precision, _ = resolve_precision(cfg.get("precision", "fp32"), device)
@@ -68,8 +70,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
     run_dir = Path(run_dir)
     with RunLock(run_dir):
         record = read_record(run_dir)
+        tasks = run_tasks(cfg, build(cfg.trainer, "trainer"))
         if record is not None:
-            check_same_run(run_dir, record, cfg)
+            check_same_run(run_dir, record, cfg, tasks)
             if (run_dir / METRICS_FILE).is_file():
                 score = json.loads((run_dir / METRICS_FILE).read_text())["dev/overall"]
                 log.info("%s has finished already (dev/overall %.4f): nothing to do", run_dir,
@@ -79,7 +82,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
         precision = run_precision(cfg.get("precision", "fp32"), resolve_device(cfg.device),
                                   record)
         log.info("%s", precision[1])
-        trainer, logger, ctx = setup(cfg, run_dir, precision[0])
+        trainer, logger, ctx = setup(cfg, run_dir, precision[0], tasks)
         state = TrainState(ctx.model, ctx.generator, ctx.method)
         resumed = restore(trainer, ctx, state)
         wandb_id = logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir,
@@ -148,9 +151,9 @@ def finish(ctx: RunContext, counts: dict, losses: list) -> dict:
     for task in ctx.tasks:
         write_predictions(ctx.run_dir, task, "dev", ctx.data["dev"][task.name].split.ids,
                           dev_preds[task.name])
-        test = ctx.data.get("test-student", {}).get(task.name)
+        test = ctx.data.get("test", {}).get(task.name)
         if test is not None:
-            write_predictions(ctx.run_dir, task, "test-student", test.split.ids,
+            write_predictions(ctx.run_dir, task, "test", test.split.ids,
                               predict_task(ctx, task, test))
     metrics.update(counts)
     metrics.update(method_reports(ctx))

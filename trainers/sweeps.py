@@ -28,6 +28,12 @@ TAGGED_GROUPS = ("peft", "trainer", "order", "heads", "scale", "table2", "table3
 FAILED_RUNS: list[tuple[Path, str]] = []  # filled by SweepReport for train.py's exit code
 
 
+def run_task_names(cfg: DictConfig) -> list[str]:
+    """The names of the tasks a run trains: `trainer.task` (trainer=single), else `tasks`."""
+    single = cfg.trainer.get("task")
+    return [str(single)] if single else [str(t) for t in cfg.get("tasks") or []]
+
+
 def label_run(cfg: DictConfig, choices: dict[str, Any], sweep_dir: str | None,
               override_dirname: str = "") -> None:
     """Sets `logger.group`, `logger.tags` and `logger.name` where the user left them empty.
@@ -35,6 +41,7 @@ def label_run(cfg: DictConfig, choices: dict[str, Any], sweep_dir: str | None,
     if "tags" not in cfg.logger:
         return  # a logger without W&B-style identity (logger=none)
     tags = [f"{group}:{choices[group]}" for group in TAGGED_GROUPS if choices.get(group)]
+    tags += [f"task:{t}" for t in run_task_names(cfg)]
     tags.append(f"seed:{cfg.seed}")
     if cfg.get("experiment_name"):
         tags.insert(0, str(cfg.experiment_name))
