@@ -1,19 +1,24 @@
 """The report's Tables 1–3 and Figure 2 from folders of Hydra runs, optionally beside the report's
-own numbers.
+own numbers, and a generic table (`tasks`) for runs on other tasks.
 
     python scripts/make_tables.py outputs/multirun/<date>/<time>       # every table with runs
     python scripts/make_tables.py <sweep> <another sweep> --table 2 3 --out report/tables
     python scripts/make_tables.py <table3 sweep> --reference report    # ours beside the report's
+    python scripts/make_tables.py <sweep with tasks=[sst,para,sts,cfimdb]> --table tasks
 
-A run is any folder below the given ones with `.hydra/config.yaml`; its `experiment_name` (or, for
-an ad-hoc run, its trainer and PEFT method) says which table it belongs to, the rest of its config
-which row and column. Finished runs have `metrics.json`; a cell is the mean ± sample std over its
-runs (seeds). Each table is printed as Markdown and written as `table{N}.md`, `.csv` and `.tex`
-into --out (default: `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as
-`figure2.md/csv/tex` and `figure2.png`. A missing, failed (`error.txt`) or unfinished run leaves a
-gap, and a note under the table names it. `--reference report` prints, under each table, the
-report's published dev numbers (bert-base, 10 epochs) beside ours, cell for cell, with the
-difference, and writes it as `<table>-vs-report.md`; `--reference FILE.csv` uses other numbers.
+A run is any folder below the given ones with `.hydra/config.yaml`. A run on the report's tasks
+(sst, para and sts: `tasks`, or an older run's `order.tasks`; or one of them alone, trainer=single)
+goes in a report table: its `experiment_name` (or, for an ad-hoc run, its trainer and PEFT method)
+says which, the rest of its config which row and column. Every other run goes in the `tasks`
+table: a row per task list, strategy, PEFT config and head design, a column per task with its
+primary metric (`report_tables/task_table.py`). Finished runs have `metrics.json`; a cell is the
+mean ± sample std over its runs (seeds). Each table is printed as Markdown and written as
+`table{N}.md`, `.csv` and `.tex` (`tasks.md`, ... for the tasks table) into --out (default:
+`<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as `figure2.md/csv/tex` and
+`figure2.png`. A missing, failed (`error.txt`) or unfinished run leaves a gap, and a note under
+the table names it. `--reference report` prints, under each table, the report's published dev
+numbers (bert-base, 10 epochs) beside ours, cell for cell, with the difference, and writes it as
+`<table>-vs-report.md`; `--reference FILE.csv` uses other numbers.
 """
 from __future__ import annotations
 
@@ -30,21 +35,24 @@ from report_tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, bes
 
 
 def table_name(value: str) -> str:
-    """`2` or `table2` -> `table2`; `figure2` stays."""
+    """`2` or `table2` -> `table2`; `figure2` and `tasks` stay."""
     name = f"table{value}" if value.isdigit() else value
     if name not in LAYOUTS:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 1, 2, 3 or figure2")
+        raise argparse.ArgumentTypeError(f"{value!r}: use 1, 2, 3, figure2 or tasks")
     return name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Tables 1-3 and Figure 2 from Hydra runs.")
+    parser = argparse.ArgumentParser(
+        description="Tables 1-3 and Figure 2 from Hydra runs, and the tasks table for runs on "
+                    "other tasks.")
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
                         help="sweep or run folders, searched recursively for .hydra/config.yaml")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the tables (default: <first DIR>/tables)")
     parser.add_argument("--table", type=table_name, nargs="+", action="extend",
-                        help="only these tables: 1, 2, 3, figure2 (default: every one with runs)")
+                        help="only these tables: 1, 2, 3, figure2, tasks (default: every one "
+                             "with runs)")
     parser.add_argument("--reference", metavar="NAME|CSV",
                         help=f"print published numbers beside ours: {', '.join(REFERENCES)} "
                              "(the report's), or a CSV of the same columns")
@@ -52,7 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _names(names: Sequence[str]) -> str:
-    return ", ".join(n.replace("table", "Table ").replace("figure", "Figure ") for n in names)
+    return ", ".join("the tasks table" if n == "tasks" else
+                     n.replace("table", "Table ").replace("figure", "Figure ") for n in names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,7 +69,7 @@ class EncodedSplit:
                                         max_length, pair_joint, "tokens"),
             desc=f"tokenizing {split.task.name} {split.name}")
         # [CLS] x1 [SEP] x2 [SEP] with token types 0/1 (joint pairs), else one segment a sentence
-        self.segments = [(tokenized[f"ids_{s}"], tokenized[f"types_{s}"])
+        self.segments = [(tokenized[f"ids_{s}"][:], tokenized[f"types_{s}"][:])
                          for s in range(1 if pair_joint else len(split.task.text_columns))]
         self.labels = None if split.labels is None else torch.tensor(split.labels)
 

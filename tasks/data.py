@@ -54,15 +54,16 @@ class Split:
 
     @cached_property
     def ids(self) -> list[str]:
-        return self.dataset["id"]
+        return self.dataset["id"][:]  # [:]: a list, not datasets' lazy Column
 
     @cached_property
     def texts(self) -> list[tuple[str, ...]]:
-        return list(zip(*(self.dataset[f"text_{c}"] for c in range(len(self.task.text_columns)))))
+        return list(zip(*(self.dataset[f"text_{c}"][:]
+                          for c in range(len(self.task.text_columns)))))
 
     @cached_property
     def labels(self) -> list[float] | None:
-        return self.dataset["label"] if "label" in self.dataset.column_names else None
+        return self.dataset["label"][:] if "label" in self.dataset.column_names else None
 
     def subset(self, n: int | None, seed: int = 0) -> "Split":
         """A fixed random subset of n examples (the same for every run with the same seed)."""
@@ -105,7 +106,7 @@ def read_file(task: Task, path: Path, split: str, labelled: bool | None = None,
     if not path.is_file():
         raise DataError(f"{path} not found: the {split} file of task {task.name} "
                         f"({task.file or 'its task file'}: source.data_files). Expected a {fmt} "
-                        f"file with columns {[*task.text_columns, task.label_column]}"
+                        f"file with columns {_expected(task, fmt, labelled)}"
                         + ("; fetch the CS224N data with `python scripts/get_data.py`."
                            if fmt == "cs224n" else "."))
     raw = _cs224n(task, path, split, cache_dir) if fmt == "cs224n" else _local(
@@ -113,10 +114,16 @@ def read_file(task: Task, path: Path, split: str, labelled: bool | None = None,
     return _checked(task, raw, split, path, labelled, forgiving=fmt == "cs224n")
 
 
+def _expected(task: Task, fmt: str, labelled: bool | None) -> list[str]:
+    id_column = task.id_column or ("id" if fmt == "cs224n" else None)
+    return [*([id_column] if id_column else []), *task.text_columns,
+            *([task.label_column] if labelled is not False else [])]
+
+
 def _local(fmt: str, path: Path, split: str, cache_dir) -> datasets.Dataset:
     kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
     try:
-        return datasets.load_dataset(BUILDERS[fmt], data_files={split: str(path)}, split=split,
+        return datasets.load_dataset(BUILDERS[fmt], data_files={"data": str(path)}, split="data",
                                      cache_dir=cache_dir, **kwargs)
     except Exception as e:  # pyarrow's and pandas' parse errors
         raise DataError(f"{path}: cannot read it as {fmt} ({type(e).__name__}: {e})") from e
@@ -161,7 +168,7 @@ def _cs224n(task: Task, path: Path, split: str, cache_dir) -> datasets.Dataset:
                                   "_line": datasets.Value("int64")})
     try:
         return datasets.Dataset.from_generator(
-            _cs224n_rows, features=features, cache_dir=cache_dir, split=split,
+            _cs224n_rows, features=features, cache_dir=cache_dir, split="data",
             gen_kwargs={"path": str(path), "columns": "\t".join(columns),
                         "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
     except (csv.Error, UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:

@@ -9,7 +9,7 @@ from conftest import options
 from minbert import BertModel
 from minbert.errors import CheckpointError, ConfigError
 from minbert.peft import PeftMethod, param_counts
-from tasks import get_tasks
+from tasks.registry import get_tasks
 from trainers.build import build, build_model, resolve_device
 
 
@@ -27,15 +27,16 @@ def test_default_config_is_the_reports_recipe(compose_cfg):
     assert cfg.model.name == "minilm" and cfg.logger.mode == "offline"
     assert cfg.trainer.optimizer.lr == 1e-5 and cfg.trainer.epochs == 10
     assert cfg.data.batch_size == 32 and cfg.heads.dropout == 0.3
-    assert cfg.heads.sts.alpha == 1.0 and cfg.heads.sts.beta == 2.5
-    assert cfg.heads.para.aggregator == "inner" and cfg.heads.sts.aggregator == "cosine"
+    assert cfg.tasks == ["sst", "para", "sts"]
+    assert cfg.heads.pair_regression.aggregator == "cosine"
+    assert cfg.heads.pair_classification.aggregator is None  # inner for 2 classes
 
 
 @pytest.mark.parametrize("order", options("order"))
 def test_every_order_is_a_permutation_of_the_three_tasks(compose_cfg, order):
     cfg = compose_cfg([f"order={order}"])
-    assert "-".join(cfg.order.tasks) == order
-    assert sorted(t.name for t in get_tasks(cfg.order.tasks)) == ["para", "sst", "sts"]
+    assert "-".join(cfg.tasks) == order
+    assert sorted(t.name for t in get_tasks(list(cfg.tasks))) == ["para", "sst", "sts"]
 
 
 @pytest.mark.parametrize("model", ["tiny", "minilm"])
@@ -99,8 +100,9 @@ def test_unknown_group_choice_lists_the_valid_ones(compose_cfg):
 
 
 def test_bad_values_are_config_errors_naming_the_key(compose_cfg):
-    cfg = compose_cfg(["model=tiny", "heads.sts.aggregator=euclid"])
-    with pytest.raises(ConfigError, match=r"heads.sts: unknown aggregator 'euclid'.*\['cosine', 'inner'\]"):
+    cfg = compose_cfg(["model=tiny", "heads.pair_regression.aggregator=euclid"])
+    with pytest.raises(ConfigError, match=r"heads.pair_regression \(task sts\): unknown aggregator "
+                                          r"'euclid'.*\['inner', 'cosine', 'sbert'\]"):
         build_model(cfg, get_tasks(["sts"]))
     with pytest.raises(ConfigError, match="trainer: trainer.epochs=0 must be at least 1"):
         build(compose_cfg(["trainer.epochs=0"]).trainer, "trainer")

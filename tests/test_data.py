@@ -4,13 +4,14 @@ import logging
 import pytest
 
 from minbert.errors import ConfigError, DataError
-from tasks import TASKS, get_tasks
+from tasks.registry import get_tasks
 from tasks.data import load_task_data, read_split, resolve_root
 
+TASKS = {t.name: t for t in get_tasks(["sst", "para", "sts"])}
 EXPECTED_ROWS = {  # rows in the shared files, minus the malformed ones
-    ("sst", "train"): 8544, ("sst", "dev"): 1101, ("sst", "test-student"): 2210,
+    ("sst", "train"): 8544, ("sst", "dev"): 1101, ("sst", "test"): 2210,
     ("para", "train"): 14141, ("para", "dev"): 3062,
-    ("sts", "train"): 6040, ("sts", "dev"): 863, ("sts", "test-student"): 1725,
+    ("sts", "train"): 6040, ("sts", "dev"): 863, ("sts", "test"): 1725,
 }
 
 
@@ -20,7 +21,7 @@ def test_real_files_read_completely(data_root, task, split):
     assert len(s) == EXPECTED_ROWS[task, split]
     assert len(s.ids) == len(s.texts) == len(set(s.ids))
     assert all(len(t) == len(TASKS[task].text_columns) and all(t) for t in s.texts)
-    if split == "test-student":
+    if split == "test":
         assert s.labels is None
     else:
         assert len(s.labels) == len(s)
@@ -97,14 +98,14 @@ def test_comma_separated_file_is_a_column_error(tmp_path):
 
 def test_test_student_header_with_extra_leading_columns(tmp_path):
     _file(tmp_path, "ids-sst-test-student.csv", "0\t\tid\tsentence\n1\t0.0\tx1\tA film .\n")
-    s = read_split(TASKS["sst"], tmp_path, "test-student")
+    s = read_split(TASKS["sst"], tmp_path, "test")
     assert s.ids == ["x1"] and s.texts == [("A film .",)] and s.labels is None
 
 
 def test_load_task_data_allows_missing_test_file_and_limits(synthetic_root):
     (synthetic_root / "quora-test-student.csv").unlink()
     data = load_task_data(get_tasks(["sst", "para"]), synthetic_root, limit_train=10, limit_eval=5)
-    assert set(data["para"]) == {"train", "dev"}
+    assert set(data["para"]) == {"train", "dev"} and set(data["sst"]) == {"train", "dev", "test"}
     assert len(data["sst"]["train"]) == 10 and len(data["sst"]["dev"]) == 5
     again = load_task_data(get_tasks(["sst"]), synthetic_root, limit_train=10)
     assert again["sst"]["train"].ids == data["sst"]["train"].ids  # a fixed subset
@@ -137,5 +138,5 @@ def test_root_resolution(tmp_path, monkeypatch):
 
 
 def test_unknown_task_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"valid tasks are \['para', 'sst', 'sts'\]"):
+    with pytest.raises(ConfigError, match=r"no task 'qqp'.*the tasks there are \['cfimdb', 'para', 'sst', 'sts'\]"):
         get_tasks(["sst", "qqp"])

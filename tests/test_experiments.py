@@ -82,7 +82,7 @@ def test_table3_rows_share_lora_r64_all_linear(compose_cfg, row):
                 "orthoada": "OrthogonalAdaptation"}.get(row, "SequentialTrainer")
     assert cfg.trainer._target_.endswith("." + expected)
     if row.startswith("seq-"):
-        assert "-".join(cfg.order.tasks) == row[4:]
+        assert "-".join(cfg.tasks) == row[4:]
 
 
 @pytest.mark.parametrize("scale,model,epochs,limit", [("smoke", "tiny", 1, 64),

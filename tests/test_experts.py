@@ -16,7 +16,7 @@ from minbert.peft import adapter_layers, merge
 from minbert.peft.io import read_metadata
 from minbert.peft.layer import replace_module
 from minbert.peft.lora import Lora, LoraLinear
-from tasks import get_tasks
+from tasks.registry import get_tasks
 from trainers.experts import encoder_state, merge_experts
 from trainers.build import build_model
 from trainers.run import run, setup

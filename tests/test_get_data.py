@@ -1,7 +1,9 @@
-"""Tests for scripts/get_data.py (no network: copy mode and file:// downloads)."""
+"""Tests for scripts/get_data.py over tasks.download (no network: copy mode and file://
+downloads). The files and their columns come from the cs224n task files, conf/task/*.yaml."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -9,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tasks import download as dl
+from tasks.registry import get_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "get_data.py"
@@ -22,6 +27,13 @@ def _load_module():
 
 
 gd = _load_module()
+TASKS = get_tasks(list(dl.DEFAULT_TASKS))
+FILES = dl.files_of(TASKS)  # 12 files: train, dev, test of sst, para, sts, cfimdb
+SPLITS = ("train", "dev", "test")
+
+
+def names(*tasks: str) -> list[str]:
+    return [w.name for w in FILES if not tasks or w.task in tasks]
 
 
 def _shared_data() -> Path | None:
@@ -39,25 +51,25 @@ HEADERS = {
     ("sst", "test-student"): "0\t\tid\tsentence",  # extra leading column, as upstream
     ("cfimdb", "labelled"): "\tid\tsentence\tsentiment",
     ("cfimdb", "test-student"): "0\t\tid\tsentence",
-    ("quora", "labelled"): "\tid\tsentence1\tsentence2\tis_duplicate",
-    ("quora", "test-student"): "\tid\tsentence1\tsentence2",
+    ("para", "labelled"): "\tid\tsentence1\tsentence2\tis_duplicate",
+    ("para", "test-student"): "\tid\tsentence1\tsentence2",
     ("sts", "labelled"): "\tid\tsentence1\tsentence2\tsimilarity",
     ("sts", "test-student"): "\tid\tsentence1\tsentence2",
 }
 
 
 def _row(task: str, split: str, i: int) -> str:
-    test = split == "test-student"
+    test = split == "test"
     if task in ("sst", "cfimdb"):
         return f"{i + 1}\t{float(i)}\tid{i}\t sentence {i}" if test else f"{i}\tid{i}\t s {i}\t{i % 5}"
     pair = f"{i}\tid{i}\tWhat is {i}?\t\"A \"\"quoted\"\" {i}\""
     if test:
         return pair
-    return pair + ("\t1.0" if task == "quora" else f"\t{i % 6}.0")
+    return pair + ("\t1.0" if task == "para" else f"\t{i % 6}.0")
 
 
 def make_file(path: Path, task: str, split: str, rows: int = 3) -> None:
-    kind = "test-student" if split == "test-student" else "labelled"
+    kind = "test-student" if split == "test" else "labelled"
     lines = [HEADERS[(task, kind)]] + [_row(task, split, i) for i in range(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -67,9 +79,8 @@ def remote(tmp_path: Path) -> Path:
     """A fake 'remote' data folder with every file (rows = 3 + split index)."""
     folder = tmp_path / "remote"
     folder.mkdir()
-    for task in gd.PREFIXES:
-        for k, split in enumerate(gd.SPLITS):
-            make_file(folder / gd.file_name(task, split), task, split, rows=3 + k)
+    for w in FILES:
+        make_file(folder / w.name, w.task, w.split, rows=3 + SPLITS.index(w.split))
     return folder
 
 
@@ -95,18 +106,17 @@ def test_copy_from_shared_data(tmp_path, capsys):
     dest = tmp_path / "data"
     assert gd.main(["--from", str(src), "--dest", str(dest)]) == 0
     out, err = capsys.readouterr()
-    for task in gd.PREFIXES:
-        for split in gd.SPLITS:
-            name = gd.file_name(task, split)
-            line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
-            if (src / name).is_file():
-                assert same_bytes(src / name, dest / name), name
-                assert line.split()[1] == str(count_rows(src / name))
-                assert "ok (copied)" in line
-            else:
-                assert split == "test-student", f"required file {name} missing in {src}"
-                assert "missing (warning)" in line and f"warning: {name}" in err
-                assert not (dest / name).exists()
+    for w in FILES:
+        name = w.name
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        if (src / name).is_file():
+            assert same_bytes(src / name, dest / name), name
+            assert line.split()[1] == str(count_rows(src / name))
+            assert "ok (copied)" in line
+        else:
+            assert w.split == "test", f"required file {name} missing in {src}"
+            assert "missing (warning)" in line and f"warning: {name}" in err
+            assert not (dest / name).exists()
     assert f"export MINBERT_DATA={dest.resolve()}" in out
     assert not [p for p in dest.iterdir() if p.name.endswith(".part")]
 
@@ -135,12 +145,11 @@ def test_download_byte_identical_then_skips(remote, tmp_path, capsys):
     args = ["--url-base", url_of(remote), "--dest", str(dest)]
     assert gd.main(args) == 0
     out = capsys.readouterr().out
-    for task in gd.PREFIXES:
-        for k, split in enumerate(gd.SPLITS):
-            name = gd.file_name(task, split)
-            assert same_bytes(remote / name, dest / name), name
-            line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
-            assert line.split()[1] == str(3 + k) and "ok (downloaded)" in line
+    for w in FILES:
+        name = w.name
+        assert same_bytes(remote / name, dest / name), name
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        assert line.split()[1] == str(3 + SPLITS.index(w.split)) and "ok (downloaded)" in line
     mtimes = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     assert gd.main(args) == 0
     out = capsys.readouterr().out
@@ -163,9 +172,9 @@ def test_force_refetches_same_size_file(remote, tmp_path, capsys):
 
 def test_tasks_subset(remote, tmp_path, capsys):
     dest = tmp_path / "data"
-    assert gd.main(["--url-base", url_of(remote), "--dest", str(dest), "--tasks", "sts", "quora"]) == 0
-    assert sorted(p.name for p in dest.iterdir()) == sorted(
-        gd.file_name(t, s) for t in ("sts", "quora") for s in gd.SPLITS)
+    assert gd.main(["--url-base", url_of(remote), "--dest", str(dest), "--tasks", "sts", "para"]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names("sts", "para"))
+    assert len(names("sts", "para")) == 6
 
 
 def test_download_missing_train_names_url(remote, tmp_path, capsys):
@@ -196,9 +205,11 @@ def test_wrong_columns_reported(remote, tmp_path, capsys):
 
 def test_check_file_by_name_not_position(tmp_path):
     path = tmp_path / "ids-sst-test-student.csv"
-    make_file(path, "sst", "test-student", rows=4)
-    assert gd.check_file(path, "sst", "test-student") == (4, "ok")
-    rows, status = gd.check_file(path, "sst", "train")  # no label column
+    make_file(path, "sst", "test", rows=4)
+    columns = {w.split: w.columns for w in FILES if w.task == "sst"}
+    assert columns["test"] == ("id", "sentence") and columns["train"][-1] == "sentiment"
+    assert dl.check_file(path, columns["test"]) == (4, "ok")
+    rows, status = dl.check_file(path, columns["train"])  # no label column
     assert rows == 4 and "sentiment" in status
 
 
@@ -215,7 +226,7 @@ def test_interrupted_download_leaves_no_file(tmp_path):
 
     dest = tmp_path / "ids-sst-train.csv"
     with pytest.raises(ConnectionResetError):
-        gd.atomic_write(dest, Broken(), total=100, progress=False)
+        dl.atomic_write(dest, Broken(), total=100, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -224,6 +235,29 @@ def test_default_dest_from_env(monkeypatch, tmp_path):
     assert gd.parse_args([]).dest == tmp_path / "x"
     monkeypatch.delenv("MINBERT_DATA")
     assert gd.parse_args([]).dest == Path("data")
+
+
+def test_url_base_from_env(monkeypatch, remote, tmp_path):
+    monkeypatch.setenv(dl.URL_ENV, url_of(remote))
+    assert gd.parse_args([]).url_base == url_of(remote)
+    assert gd.main(["--dest", str(tmp_path / "d"), "--tasks", "sts"]) == 0
+    assert same_bytes(remote / "sts-dev.csv", tmp_path / "d" / "sts-dev.csv")
+    monkeypatch.delenv(dl.URL_ENV)
+    assert gd.parse_args([]).url_base == dl.DEFAULT_URL_BASE
+
+
+def test_unknown_or_non_cs224n_task_is_one_line_error(monkeypatch, remote, tmp_path, capsys):
+    args = ["--url-base", url_of(remote), "--dest", str(tmp_path / "d")]
+    assert gd.main(args + ["--tasks", "nosuchtask"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nosuchtask" in err[0]
+    csv_task = dataclasses.replace(TASKS[0], name="mine", source={
+        "format": "csv", "data_files": {"train": "a.csv", "dev": "b.csv"}})
+    monkeypatch.setattr(gd, "get_tasks", lambda names: [csv_task])
+    assert gd.main(args + ["--tasks", "mine"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mine (csv" in err[0] and "cs224n" in err[0]
+    assert not (tmp_path / "d").exists()
 
 
 # --- the CLI as a subprocess ---------------------------------------------------------------
@@ -260,9 +294,9 @@ def test_http_download_and_404(remote, tmp_path, capsys):
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}/"
         dest = tmp_path / "data"
-        assert gd.main(["--url-base", base, "--dest", str(dest), "--tasks", "quora"]) == 0
+        assert gd.main(["--url-base", base, "--dest", str(dest), "--tasks", "para"]) == 0
         assert same_bytes(remote / "quora-dev.csv", dest / "quora-dev.csv")
-        assert gd.main(["--url-base", base, "--dest", str(dest), "--tasks", "quora"]) == 0
+        assert gd.main(["--url-base", base, "--dest", str(dest), "--tasks", "para"]) == 0
         assert capsys.readouterr().out.count("ok (already present)") == 3
         (remote / "sts-dev.csv").unlink()
         assert gd.main(["--url-base", base, "--dest", str(dest), "--tasks", "sts"]) == 1

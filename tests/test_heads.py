@@ -7,10 +7,12 @@ import torch
 from minbert import BertModel
 from minbert.checkpoint import load_tokenizer
 from minbert.errors import ConfigError
-from tasks import TASKS
+from tasks.registry import get_tasks
 from tasks.aggregators import InnerProduct, ScaledCosine, make_aggregator
 from tasks.batching import EncodedSplit
 from tasks.data import Split
+
+TASKS = {t.name: t for t in get_tasks(["sst", "para", "sts"])}
 from tasks.heads import ClassifierHead, ConcatHead, JointHead, SeparateHead
 from tasks.model import MultitaskModel
 
@@ -50,7 +52,7 @@ def test_scaled_cosine_constants():
 
 
 def test_unknown_aggregator_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"valid aggregators are \['cosine', 'inner'\]"):
+    with pytest.raises(ConfigError, match=r"valid aggregators are \['inner', 'cosine', 'sbert'\]"):
         make_aggregator("euclid")
 
 
@@ -63,7 +65,7 @@ def test_head_shapes_and_formulas():
     sep = SeparateHead(H, proj_dim=8, aggregator="inner", dropout=0.0)
     want = ((h1 @ sep.proj1.weight.T + sep.proj1.bias) * (h2 @ sep.proj2.weight.T + sep.proj2.bias))
     torch.testing.assert_close(sep(h1, h2), want.sum(-1))
-    joint = JointHead(H, proj_dim=8, aggregator="cosine", dropout=0.0)
+    joint = JointHead(H, proj_dim=8, aggregator="cosine", label_range=(0, 5), dropout=0.0)
     p1, p2 = joint.proj1(h1), joint.proj2(h1)
     want = (torch.nn.functional.cosine_similarity(p1, p2, dim=-1) + 1) * 2.5
     torch.testing.assert_close(joint(h1), want)
@@ -72,7 +74,7 @@ def test_head_shapes_and_formulas():
 
 def _pairs():
     texts = [("A dog runs in the park .", "A dog is running ."), ("Stocks fell .", "It rained today in the city .")]
-    return Split(TASKS["sts"], "dev", None, ids=["a", "b"], texts=texts, labels=[4.0, 0.5])
+    return Split.from_rows(TASKS["sts"], "dev", ["a", "b"], texts, [4.0, 0.5])
 
 
 def _encode_one(encoder, tokenizer, *text):
@@ -81,7 +83,7 @@ def _encode_one(encoder, tokenizer, *text):
 
 
 def test_separate_pairs_match_encoding_each_sentence_alone(encoder, tokenizer):
-    head = SeparateHead(H, proj_dim=8, aggregator="cosine", dropout=0.0)
+    head = SeparateHead(H, proj_dim=8, aggregator="cosine", label_range=(0, 5), dropout=0.0)
     model = MultitaskModel(encoder, {"sts": head}).eval()
     batch = next(EncodedSplit(_pairs(), tokenizer, 64, joint=False).batches(8))
     assert batch.segments == 2 and batch.input_ids.shape[0] == 4 and batch.token_type_ids.sum() == 0
@@ -108,8 +110,8 @@ def test_joint_pairs_use_token_types_and_match_pair_encoding(encoder, tokenizer)
 
 @pytest.mark.parametrize("pooling", ["pooler", "cls", "mean"])
 def test_pooling_choices(encoder, tokenizer, pooling):
-    split = Split(TASKS["sst"], "dev", None, ids=["a", "b"], texts=[("good",), ("a much longer bad film",)],
-                  labels=[3, 1])
+    split = Split.from_rows(TASKS["sst"], "dev", ["a", "b"], [("good",), ("a much longer bad film",)],
+                            [3, 1])
     batch = next(EncodedSplit(split, tokenizer, 64, joint=False).batches(2))
     model = MultitaskModel(encoder, {"sst": ClassifierHead(H, dropout=0.0)}, pooling=pooling).eval()
     with torch.no_grad():
@@ -127,8 +129,8 @@ def test_unknown_pooling_is_a_config_error(encoder):
 
 def test_batches_cover_the_split_once_and_truncate(tokenizer):
     texts = [(" ".join(["word"] * n),) for n in range(1, 50)]
-    split = Split(TASKS["sst"], "train", None, ids=[str(i) for i in range(49)], texts=texts,
-                  labels=[i % 5 for i in range(49)])
+    split = Split.from_rows(TASKS["sst"], "train", [str(i) for i in range(49)], texts,
+                            [i % 5 for i in range(49)])
     enc = EncodedSplit(split, tokenizer, max_length=16, joint=False)
     seen = []
     for b in enc.batches(10, shuffle=True, generator=torch.Generator().manual_seed(0)):
@@ -140,10 +142,10 @@ def test_batches_cover_the_split_once_and_truncate(tokenizer):
 
 def test_separate_head_same_init_starts_as_a_similarity():
     h1, h2 = torch.randn(6, H), torch.randn(6, H)
-    tied = SeparateHead(H, proj_dim=8, aggregator="cosine", same_init=True, dropout=0.0)
+    tied = SeparateHead(H, proj_dim=8, aggregator="cosine", label_range=(0, 5), same_init=True, dropout=0.0)
     torch.testing.assert_close(tied.proj1.weight, tied.proj2.weight)
     torch.testing.assert_close(tied(h1, h1), torch.full((6,), 5.0))  # identical sentences: 5
     assert tied.proj1.weight.data_ptr() != tied.proj2.weight.data_ptr()  # trained apart
-    free = SeparateHead(H, proj_dim=8, aggregator="cosine", same_init=False, dropout=0.0)
+    free = SeparateHead(H, proj_dim=8, aggregator="cosine", label_range=(0, 5), same_init=False, dropout=0.0)
     assert not torch.equal(free.proj1.weight, free.proj2.weight)
     assert (free(h1, h1) - 5.0).abs().max() > 0.1

@@ -80,7 +80,7 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path, shared_synthetic_root):
     train_cli("-m", "hydra/launcher=local", "scale=smoke", "order=sst-para-sts,sts-para-sst",
               f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
     runs = finished_runs(sweep)
-    assert sorted(r["cfg"]["order"]["tasks"][0] for r in runs) == ["sst", "sts"]
+    assert sorted(r["cfg"]["tasks"][0] for r in runs) == ["sst", "sts"]
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # each ran as a submitit job
 
 
@@ -131,7 +131,7 @@ def test_make_tables_prints_table3_from_a_smoke_sweep(tmp_path, shared_synthetic
         trainer = run["cfg"]["trainer"]["_target_"].rsplit(".", 1)[1]
         label = {"EnsembleOfExperts": "Ensemble of Experts", "MergedExperts": "FedAvg",
                  "OrthogonalAdaptation": "OrthoAda"}.get(
-            trainer, "Sequential (" + " → ".join(run["cfg"]["order"]["tasks"]) + ")")
+            trainer, "Sequential (" + " → ".join(run["cfg"]["tasks"]) + ")")
         cells = [c.strip() for c in by_label[label].split("|")[2:-1]]
         assert cells[-1] == f"{run['metrics']['dev/overall']:.3f}"
         assert cells[0] == f"{run['metrics']['params/updated_pct']:.2f} %"

@@ -1,7 +1,9 @@
 """scripts/make_tables.py on a synthetic sweep: run dirs whose `.hydra/config.yaml` is a real
-composed config (experiment=table1/2/3 and ad-hoc runs) and whose metrics.json has known values.
-Checks the printed Markdown to the digit, the md/csv/tex files, Figure 2's PNG, the gaps and notes
-for missing, failed and unfinished runs, and the errors for an empty folder."""
+composed config (experiment=table1/2/3 and ad-hoc runs; one as runs made before tasks were config
+files saved it, with `order.tasks`) and whose metrics.json has known values. Checks the printed
+Markdown to the digit, the md/csv/tex files, Figure 2's PNG, the gaps and notes for missing,
+failed and unfinished runs, the errors for an empty folder, and the generic `tasks` table for
+runs on other tasks (a fourth task, cfimdb; a 3-class pair task scored by macro-F1)."""
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +40,8 @@ def cli() -> ModuleType:
 
 
 def write_run(path: Path, cfg: DictConfig, seed: int, metrics: dict | None = None,
-              error: str | None = None) -> Path:
+              error: str | None = None, tasks: list | None = None) -> Path:
+    """A run dir; `tasks`: run.json's task list (task configs, or an older run's names)."""
     cfg = copy.deepcopy(cfg)
     cfg.seed = seed
     (path / ".hydra").mkdir(parents=True)
@@ -47,7 +50,17 @@ def write_run(path: Path, cfg: DictConfig, seed: int, metrics: dict | None = Non
         (path / "metrics.json").write_text(json.dumps(metrics))
     if error is not None:
         (path / "error.txt").write_text(error)
+    if tasks is not None:
+        (path / "run.json").write_text(json.dumps({"tasks": tasks, "config": {}}))
     return path
+
+
+def old_style(cfg: DictConfig) -> DictConfig:
+    """The config as runs made before tasks were config files saved it: the task order in
+    `order.tasks` (the order group's), no top-level `tasks`."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain["order"] = {"tasks": plain.pop("tasks")}
+    return OmegaConf.create(plain)
 
 
 def single(task: str, score: float, pct: float) -> dict:
@@ -89,7 +102,7 @@ def _figure2_runs(root: Path) -> None:
     write_run(root / "t1" / "0", concat, 1, multi(0.50, 0.70, 0.60, 0.66))
     write_run(root / "t1" / "1", concat, 2, multi(0.54, 0.72, 0.64, 0.68))
     joint = compose_config(["experiment=figure2", "heads=joint", "order=sts-para-sst"])
-    write_run(root / "t1" / "2", joint, 1, multi(0.45, 0.65, 0.55, 0.60))
+    write_run(root / "t1" / "2", old_style(joint), 1, multi(0.45, 0.65, 0.55, 0.60))
     separate = compose_config(["experiment=figure2", "heads=separate", "order=para-sst-sts"])
     write_run(root / "t1" / "3", separate, 1)  # still running: no metrics.json, no error.txt
 
@@ -155,6 +168,7 @@ def test_table1_is_the_submitted_model(sweep):
 
 
 def test_figure2_grid_and_incomplete_run(sweep):
+    """The grid, with the sts-para-sst run an older one's config (`order.tasks`)."""
     root, _, out, _ = sweep
     assert "**Figure 2: full fine-tuning by head design and task order (dev)**" in out
     assert ("| Design | Task order | SST acc | Para acc | STS corr | Overall |\n"
@@ -230,10 +244,29 @@ def test_figure2_is_a_png(sweep):
 def test_table_of_infers_ad_hoc_runs(cli, tmp_path):
     for overrides, number in ((["trainer=single"], "table2"), ([], "table1"),
                               (["trainer=eoe"], "table3"), (["experiment=figure2"], "figure2"),
-                              (["experiment=table3", "table3=seq-para-sst-sts"], "table3")):
+                              (["experiment=table3", "table3=seq-para-sst-sts"], "table3"),
+                              (["tasks=[sts,sst,para]", "trainer=eoe"], "table3"),
+                              (["trainer=single", "trainer.task=cfimdb"], "tasks"),
+                              (["experiment=table2", "trainer.task=cfimdb"], "tasks"),
+                              (["tasks=[sst,para,sts,cfimdb]"], "tasks"),
+                              (["experiment=table3", "tasks=[sst,mytask]"], "tasks"),
+                              (["tasks=[sst,para]"], "tasks")):
         run = write_run(tmp_path / str(len(list(tmp_path.iterdir()))),
                         compose_config(overrides), 0, multi(0.5, 0.5, 0.5, 0.5))
-        assert cli.table_of(cli.collect_runs([run])[0][0]) == number
+        assert cli.table_of(cli.collect_runs([run])[0][0]) == number, overrides
+
+
+def test_older_runs_order_tasks(cli, tmp_path):
+    """A run made before tasks were config files keeps its order in `order.tasks`: read there
+    where `tasks` is absent, for the table (a fourth task: the tasks table) and the order."""
+    for name, order, number in (("a", "para-sts-sst", "table1"), ("b", "sst-para-sts", "tasks")):
+        cfg = old_style(compose_config([f"order={order}"]))
+        if number == "tasks":
+            cfg.order.tasks.append("cfimdb")
+        run = cli.collect_runs([write_run(tmp_path / name, cfg, 0)])[0][0]
+        assert "tasks" not in run.config and cli.table_of(run) == number
+    from report_tables.layouts import order_name
+    assert order_name(cli.collect_runs([tmp_path / "a"])[0][0]) == "para-sts-sst"
 
 
 def test_mixed_models_and_repeated_seeds_are_noted(cli, tmp_path, capsys):
@@ -320,3 +353,118 @@ def test_shipped_reference_is_the_reports_numbers(cli):
                                                "sts_corr": 0.864, "overall": 0.783,
                                                "params_updated_pct": 100.0}
     assert ref.rows[("table3", "eoe")]["params_updated_pct"] == 22.8
+
+
+def task_config(name: str, kind: str, metric: str, **extra) -> dict:
+    """A task's entry in run.json, as trainers.record writes it (the keys the table reads)."""
+    return {"name": name, "kind": kind, "metric": metric, "metrics": [], **extra}
+
+
+REPORT_TASK_CONFIGS = [task_config("sst", "single_classification", "accuracy", num_labels=5),
+                       task_config("para", "pair_classification", "accuracy", num_labels=2),
+                       task_config("sts", "pair_regression", "pearson")]
+
+
+def four_tasks(sst: float, para: float, sts: float, cfimdb: float, overall: float) -> dict:
+    return {"sst/dev/acc": sst, "para/dev/acc": para, "sts/dev/pearson": sts,
+            "cfimdb/dev/acc": cfimdb, "cfimdb/dev/f1": 0.1, "dev/overall": overall,
+            "params/updated_pct": 1.2}
+
+
+def _generic_runs(root: Path) -> None:
+    four = compose_config(["trainer=interleaved", "peft=lora", "tasks=[sst,para,sts,cfimdb]"])
+    tasks = [*REPORT_TASK_CONFIGS, task_config("cfimdb", "single_classification", "accuracy",
+                                               num_labels=2, metrics=["f1"])]
+    write_run(root / "four" / "0", four, 1, four_tasks(0.50, 0.70, 0.60, 0.80, 0.70), tasks=tasks)
+    write_run(root / "four" / "1", four, 2, four_tasks(0.54, 0.72, 0.64, 0.84, 0.72), tasks=tasks)
+    write_run(root / "four" / "2", four, 3, error="CUDA out of memory", tasks=tasks)
+    # a 3-class pair task scored by macro-F1; its metrics.json names accuracy first, run.json wins
+    mnli = compose_config(["tasks=[sst,mnli]"])
+    write_run(root / "mnli" / "0", mnli, 1,
+              {"sst/dev/acc": 0.50, "mnli/dev/acc": 0.66, "mnli/dev/macro_f1": 0.61,
+               "dev/overall": 0.555, "params/updated_pct": 100.0},
+              tasks=[REPORT_TASK_CONFIGS[0],
+                     task_config("mnli", "pair_classification", "macro_f1", num_labels=3,
+                                 metrics=["accuracy"])])
+    # an older run.json (task names): the metric is metrics.json's first cfimdb/dev/* key
+    single = compose_config(["trainer=single", "trainer.task=cfimdb", "peft=lora"])
+    write_run(root / "single" / "0", single, 1,
+              {"cfimdb/dev/acc": 0.90, "cfimdb/dev/f1": 0.88, "dev/overall": 0.90,
+               "params/updated_pct": 0.5}, tasks=["cfimdb"])
+    write_run(root / "eoe" / "0", compose_config(["trainer=eoe"]), 1,
+              multi(0.50, 0.50, 0.50, 0.50, 3.0), tasks=REPORT_TASK_CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def generic(cli, tmp_path_factory) -> tuple[Path, int, str]:
+    """Runs on other tasks than the report's beside one Table 3 run; main's exit code and stdout."""
+    root = tmp_path_factory.mktemp("generic")
+    _generic_runs(root)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main([str(root)])
+    return root, code, out.getvalue()
+
+
+def test_tasks_table_cells(generic):
+    """A row per task list, strategy, PEFT config and head design; a column per task with its
+    primary metric; blanks under tasks a row did not train; the failed seed noted."""
+    root, code, out = generic
+    assert code == 0
+    tasks = out.split("**Tasks: runs on other tasks than the report's, by strategy (dev)**\n")[1]
+    assert ("| Tasks | Strategy | PEFT | Head design | sst acc | para acc | sts pearson "
+            "| cfimdb acc | mnli macro_f1 | Overall | Parameters updated |\n"
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+            "| cfimdb | Single task | Lora r=8 attn_qkv | Joint encoding |  |  |  | 0.900 |  "
+            "| 0.900 | 0.50 % |\n"
+            "| sst, mnli | Sequential | FullFinetune | Joint encoding | 0.500 |  |  |  | 0.610 "
+            "| 0.555 | 100.00 % |\n"
+            "| sst, para, sts, cfimdb | Interleaved (temperature) | Lora r=8 attn_qkv "
+            "| Joint encoding | 0.520 ± 0.028 | 0.710 ± 0.014 | 0.620 ± 0.028 | 0.820 ± 0.028 |  "
+            "| 0.710 ± 0.014 | 1.20 % |\n") in tasks
+    assert ("- Interleaved (temperature) on [sst, para, sts, cfimdb], Lora r=8 attn_qkv, Joint "
+            f"encoding (seed 3): failed in `{root / 'four' / '2'}`: CUDA out of memory; the mean "
+            "is over the other 2 runs\n") in tasks
+    assert "- mean ± std (sample, ddof=1) over 1–2 seeds" in tasks
+    assert "missing" not in tasks and "no `" not in tasks  # a blank is no gap
+    table3 = out.split("**Table 3: multi-task strategies (dev)**\n")[1].split("**Tasks")[0]
+    assert "| Ensemble of Experts | 3.00 % | 0.500 | 0.500 | 0.500 | 0.500 |\n" in table3
+    assert "Interleaved" not in table3 and "**Table 1" not in out and "**Table 2" not in out
+
+
+def test_tasks_table_files(cli, generic, tmp_path):
+    root = generic[0]
+    with open(root / "tables" / "tasks.csv", newline="", encoding="utf-8") as f:
+        rows = {r["tasks"]: r for r in csv.DictReader(f)}
+    four, mnli = rows["sst, para, sts, cfimdb"], rows["sst, mnli"]
+    assert (four["cfimdb_acc"], four["cfimdb_acc_std"], four["n_seeds"]) == ("0.820", "0.028", "2")
+    assert (four["sts_pearson"], four["mnli_macro_f1"], four["overall"]) == ("0.620", "", "0.710")
+    assert (mnli["mnli_macro_f1"], mnli["sst_acc"], mnli["cfimdb_acc"]) == ("0.610", "0.500", "")
+    assert rows["cfimdb"]["strategy"] == "Single task" and rows["cfimdb"]["cfimdb_acc"] == "0.900"
+    tex = (root / "tables" / "tasks.tex").read_text(encoding="utf-8")
+    assert r"\begin{tabular}{llllrrrrrrr}" in tex
+    assert (r"sst, mnli & Sequential & FullFinetune & Joint encoding & 0.500 &  &  &  & 0.610 "
+            r"& 0.555 & 100.00 \% \\") in tex
+    assert r"cfimdb acc & mnli macro\_f1 & Overall" in tex
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main([str(root), "--table", "tasks", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.csv", "tasks.md", "tasks.tex"]
+
+
+def test_tasks_table_metric_disagreement(cli, tmp_path, capsys):
+    """Runs that name a task's primary metric differently: the column is the one named first
+    (the most runs' where they are not tied), and a note says so."""
+    cfg = compose_config(["tasks=[sst,mnli]"])
+    mnli = task_config("mnli", "pair_classification", "macro_f1", num_labels=3)
+    scores = {"sst/dev/acc": 0.5, "mnli/dev/acc": 0.7, "mnli/dev/macro_f1": 0.6,
+              "dev/overall": 0.55}
+    write_run(tmp_path / "a", cfg, 1, scores, tasks=[REPORT_TASK_CONFIGS[0], mnli])
+    write_run(tmp_path / "b", cfg, 2, {**scores, "mnli/dev/macro_f1": 0.4})  # no run.json: acc
+    assert cli.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| sst acc | mnli macro_f1 | Overall | Parameters updated |" in out
+    assert "| 0.500 ± 0.000 | 0.500 ± 0.141 | 0.550 ± 0.000 | — |\n" in out
+    assert ("- the runs score mnli by several primary metrics: macro_f1 (1 run), acc (1 run); its "
+            "column is each run's `mnli/dev/macro_f1`") in out
+    assert cli.main([str(tmp_path), "--table", "1"]) == 2
+    assert "(its runs are for the tasks table)" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from minbert.checkpoint import minbert_to_hf_key
 from minbert.errors import ConfigError
 from minbert.peft import adapter_state_dict, param_counts
 from minbert.peft.io import load_adapter, read_metadata
-from tasks import get_tasks
+from tasks.registry import get_tasks
 from trainers.evaluate import RunContext, predict
 from tasks.data import load_task_data
 from trainers.build import build, build_method, build_model, encode_data
@@ -39,7 +39,7 @@ def run_method(compose_cfg, root, out, method, *extra):
 def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, synthetic_root,
                                                                    tmp_path, method):
     cfg, metrics = run_method(compose_cfg, synthetic_root, tmp_path, method)
-    tasks = get_tasks(list(cfg.order.tasks))
+    tasks = get_tasks(list(cfg.tasks))
     fresh = build_model(cfg, tasks, build_method(cfg))
     counts = param_counts(fresh)
     assert metrics["params/trainable"] == counts["params/trainable"]
@@ -88,7 +88,7 @@ def test_export_script_writes_an_adapter_peft_loads(compose_cfg, synthetic_root,
     out = tmp_path / "export"
     subprocess.run([sys.executable, "scripts/export_peft.py", str(tmp_path / "run"), str(out)],
                    cwd=REPO, check=True, capture_output=True)
-    ours = build_model(cfg, get_tasks(list(cfg.order.tasks)), build_method(cfg)).eval()
+    ours = build_model(cfg, get_tasks(list(cfg.tasks)), build_method(cfg)).eval()
     load_adapter(ours, tmp_path / "run" / "adapter.safetensors")
     hf = transformers.BertModel(transformers.BertConfig(**{
         k: getattr(ours.encoder.config, k) for k in ("hidden_size", "num_hidden_layers",

@@ -1,5 +1,4 @@
 """End-to-end runs through Hydra's compose API and the real `train.py`, on the tiny model."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, smoke_overrides
 from minbert.errors import TrainingError
-from tasks import TASKS
+from tasks.base import Task
+from tasks.registry import get_tasks
 from trainers.run import build_model, run
 
 METRIC_KEYS = {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall",
@@ -33,7 +33,7 @@ def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthe
     want = (metrics["sst/dev/acc"] + metrics["para/dev/acc"] + (metrics["sts/dev/pearson"] + 1) / 2) / 3
     assert metrics["dev/overall"] == pytest.approx(want)
     assert metrics["params/updated_pct"] == 100.0 and metrics["params/trainable"] > 2_000_000
-    n_tensors = sum(1 for _ in build_model(cfg, TASKS.values()).parameters())
+    n_tensors = sum(1 for _ in build_model(cfg, get_tasks(["sst", "para", "sts"])).parameters())
     assert metrics["memory/param_bytes"] == metrics["memory/grad_bytes"] == 4 * metrics["params/total"]
     # torch AdamW: exp_avg and exp_avg_sq per parameter, and a float32 tensor `step` per tensor
     assert metrics["memory/optimizer_state_bytes"] == 2 * 4 * metrics["params/total"] + 4 * n_tensors
@@ -89,14 +89,16 @@ def test_nan_loss_stops_with_a_clear_error(compose_cfg, synthetic_root, tmp_path
 def test_nan_loss_after_an_epoch_keeps_the_best_state(compose_cfg, synthetic_root, tmp_path,
                                                       monkeypatch):
     """A loss that turns NaN in epoch 2 stops the run; epoch 1's state and scores stay on disk."""
-    sst, calls = TASKS["sst"], []
+    real_loss, calls = Task.loss, []
 
-    def flaky_loss(logits, y):  # 3 SST steps an epoch: the 4th is in epoch 2
+    def flaky_loss(task, logits, y):  # 3 SST steps an epoch: the 4th is in epoch 2
+        loss = real_loss(task, logits, y)
+        if task.name != "sst":
+            return loss
         calls.append(1)
-        loss = sst.loss(logits, y)
         return loss * float("nan") if len(calls) > 3 else loss
 
-    monkeypatch.setitem(TASKS, "sst", dataclasses.replace(sst, loss=flaky_loss))
+    monkeypatch.setattr(Task, "loss", flaky_loss)
     cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=3", "data.limit_train=48"))
     with pytest.raises(TrainingError, match="loss became nan at epoch 2") as e:
         run(cfg, tmp_path)

@@ -1,10 +1,12 @@
-"""Tables 1–3 and Figure 2 of the report from a folder of Hydra runs: `collect` finds and reads
-the runs, `layouts` places them in each table's rows and columns, `render` writes Markdown, CSV
-and LaTeX, `figure` draws Figure 2, `reference` prints the report's numbers beside ours.
-`scripts/make_tables.py` is the command line."""
+"""Tables 1–3 and Figure 2 of the report, and a generic table for runs on other tasks, from a
+folder of Hydra runs: `collect` finds and reads the runs, `layouts` places them in the report's
+tables' rows and columns, `task_table` in the generic one's, `build` builds each table, `render`
+writes Markdown, CSV and LaTeX, `figure` draws Figure 2, `reference` prints the report's numbers
+beside ours. `scripts/make_tables.py` is the command line."""
+from .build import LAYOUTS, build_tables
 from .collect import NoRunsError, Run, collect_runs, table_of
 from .figure import figure2
-from .layouts import LAYOUTS, Table, build_tables
+from .layouts import Table
 from .reference import REFERENCES, ReferenceError, beside, load_reference
 from .render import csv_text, latex, markdown, write_table
 

@@ -1,6 +1,8 @@
 """Finding the Hydra runs under sweep folders and reading what each produced: its composed config
-(`.hydra/config.yaml`, read without resolving interpolations), its `metrics.json`, or why it has
-none (`error.txt`'s first line, or a run still going or killed), and which report table it is for.
+(`.hydra/config.yaml`, read without resolving interpolations), the primary metric of each of its
+tasks (`run.json`'s task configs), its `metrics.json`, or why it has none (`error.txt`'s first
+line, or a run still going or killed), and which table it is for: the report's tables take runs on
+the report's tasks (sst, para, sts), the generic `tasks` table every other run.
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,10 @@ from trainers.sweeps import ERROR_FILE  # what a failed job of train.py writes
 
 Status = Literal["finished", "failed", "incomplete"]
 INCOMPLETE = "no metrics.json (still running or killed)"
+RUN_FILE = "run.json"  # trainers.record's: the tasks a run trains, each with its config
+REPORT_TASKS = ("sst", "para", "sts")  # the tasks of the report's tables
+REPORT_TABLES = ("table1", "table2", "table3", "figure2")
+METRIC_KEYS = {"accuracy": "acc"}  # as tasks.metrics.key: `<task>/dev/acc` for accuracy
 
 
 class NoRunsError(Exception):
@@ -33,6 +39,7 @@ class Run:
     status: Status
     metrics: dict[str, float]
     problem: str = ""  # failed or incomplete: error.txt's first line, or INCOMPLETE
+    task_metrics: dict[str, str] = field(default_factory=dict)  # task -> run.json's `metric`
 
     @property
     def finished(self) -> bool:
@@ -58,16 +65,46 @@ class Run:
     def seed(self) -> str:
         return str(self.get("seed", "?"))
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks the run trained, in order: `trainer.task` (trainer=single), else `tasks`, else
+        `order.tasks` (runs made before tasks were config files); none named: the report's."""
+        single = self.get("trainer.task")
+        names = [single] if single else self.get("tasks", self.get("order.tasks"))
+        if names is None:
+            return REPORT_TASKS
+        return tuple(str(t) for t in names) if isinstance(names, list) else (str(names),)
+
+    def metric_key(self, task: str) -> str | None:
+        """The key (`acc`, `macro_f1`, `pearson`) of a task's primary metric in metrics.json:
+        run.json's task config says which metric, else metrics.json's first `<task>/dev/*`."""
+        if task in self.task_metrics:
+            return METRIC_KEYS.get(self.task_metrics[task], self.task_metrics[task])
+        prefix = f"{task}/dev/"
+        return next((k[len(prefix):] for k in self.metrics if k.startswith(prefix)), None)
+
 
 def declared_table(run: Run) -> str | None:
     """The report table a run's `experiment_name` names (a sweep of `experiment=tableN`), if any."""
     name = str(run.get("experiment_name", ""))
-    return name if name in ("table1", "table2", "table3", "figure2") else None
+    return name if name in REPORT_TABLES else None
+
+
+def on_report_tasks(run: Run) -> bool:
+    """Whether a run trained the report's tasks: all three (in any order), or one of them alone
+    (trainer=single)."""
+    tasks = run.tasks
+    if run.target("trainer") == "SingleTaskTrainer":
+        return len(tasks) == 1 and tasks[0] in REPORT_TASKS
+    return sorted(tasks) == sorted(REPORT_TASKS)
 
 
 def table_of(run: Run) -> str:
-    """The report table a run belongs to: its `experiment_name`, else inferred from its config
-    (full fine-tuning, sequential: Table 1's model; one task: Table 2; the rest: Table 3)."""
+    """The table a run belongs to: `tasks` (the generic one) for a run on other tasks than the
+    report's; else its `experiment_name`, else inferred from its config (full fine-tuning,
+    sequential: Table 1's model; one task: Table 2; the rest: Table 3)."""
+    if not on_report_tasks(run):
+        return "tasks"
     declared = declared_table(run)
     if declared is not None:
         return declared
@@ -115,6 +152,18 @@ def read_outcome(run_dir: Path) -> tuple[Status, dict[str, float], str]:
     return "incomplete", {}, INCOMPLETE
 
 
+def read_task_metrics(run_dir: Path) -> dict[str, str]:
+    """Each task's primary metric name as `run.json`'s task configs have it; {} for a run without
+    one, an unreadable one, or one from before tasks were config files (a list of names)."""
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        saved = record["tasks"]
+        return {str(t["name"]): str(t["metric"]) for t in saved
+                if isinstance(t, dict) and "name" in t and "metric" in t}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def load_run(run_dir: Path) -> Run:
     """Reads one run dir; raises ValueError (with the reason) where its config cannot be read."""
     try:
@@ -125,7 +174,8 @@ def load_run(run_dir: Path) -> Run:
     if not isinstance(config, dict):
         raise ValueError(".hydra/config.yaml is not a mapping")
     status, metrics, problem = read_outcome(run_dir)
-    return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem)
+    return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem,
+               read_task_metrics(run_dir))
 
 
 def collect_runs(roots: Iterable[Path]) -> tuple[list[Run], list[str]]:

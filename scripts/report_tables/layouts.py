@@ -1,7 +1,6 @@
-"""The report's table layouts (which run goes in which row and column, display names, canonical row
-order, the report's row each row is compared with) and building a table from runs: each cell is
-the mean and sample std over its runs (one a seed), with notes naming every missing or failed cell
-and settings the runs should share but don't.
+"""The report's table layouts: which run goes in which row and column, display names, canonical row
+order, the report's row each row is compared with; and what a layout, a cell, a row and a built
+table are (`build` builds a table from runs; `task_table` is the generic layout for other tasks).
 
 Table 1 is the full fine-tuning model the report submitted (one row: joint encoding, the default
 order); Figure 2's grid (head design × task order, full fine-tuning) is a layout of its own, drawn
@@ -9,11 +8,10 @@ as `figure2.png` and written as `figure2.md/csv/tex`."""
 from __future__ import annotations
 
 import statistics
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .collect import Run, declared_table, natural_key, table_of
+from .collect import Run
 
 RowKey = tuple[str, ...]
 ORDERS = ("sst-para-sts", "sst-sts-para", "para-sst-sts", "para-sts-sst", "sts-sst-para",
@@ -25,20 +23,22 @@ TASK_TITLES = {"sst": "SST acc", "para": "Para acc", "sts": "STS corr"}
 
 @dataclass(frozen=True)
 class Column:
-    """A metric column; `slot` is the runs it reads (a task in Table 2), None: all of the row's."""
+    """A metric column; `slot` is the runs it reads (a task in Table 2), None: all of the row's;
+    `task` the task it scores in the generic layout (None: every row's, Overall, Parameters)."""
 
     key: str
     title: str
     metric: str
     slot: str | None = ""
     percent: bool = False
+    task: str | None = None
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where each run goes in one table. A row holds one run per seed in each of its `slots`."""
 
-    name: str  # table1 | table2 | table3 | figure2: the file stem and the --table choice
+    name: str  # table1 | table2 | table3 | figure2 | tasks: the file stem and the --table choice
     title: str
     label_keys: tuple[str, ...]
     label_titles: tuple[str, ...]
@@ -51,11 +51,14 @@ class Layout:
     slots: tuple[str, ...] = ("",)
     shared: tuple[tuple[str, Callable[[Run], str]], ...] = ()
     reference_row: Callable[[RowKey], str | None] = lambda key: None  # the report's `row`
+    # False: the column is not the row's (a task its runs did not train): a blank, not a gap
+    applies: Callable[[RowKey, Column], bool] = lambda key, column: True
 
 
 @dataclass(frozen=True)
 class Cell:
     values: tuple[float, ...]
+    applies: bool = True  # False: a blank (the row has no such task), not a missing result
 
     @property
     def n(self) -> int:
@@ -90,8 +93,8 @@ def plural(n: int, word: str) -> str:
 
 
 def order_name(run: Run) -> str:
-    tasks = run.get("order.tasks", [])
-    return "-".join(str(t) for t in tasks) if isinstance(tasks, list) else str(tasks)
+    """`sst-para-sts`: the run's tasks in training order (`tasks`, an older run's `order.tasks`)."""
+    return "-".join(run.tasks)
 
 
 def order_label(name: str) -> str:
@@ -113,11 +116,11 @@ def describe_peft(run: Run) -> str:
     return " ".join(parts)
 
 
-def _model(run: Run) -> str:
+def model_of(run: Run) -> str:
     return str(run.get("model.name", "?"))
 
 
-def _design(run: Run) -> str:
+def design_of(run: Run) -> str:
     return str(run.get("heads.design", "?"))
 
 
@@ -140,11 +143,11 @@ TABLE1 = Layout(
     label_keys=("model",), label_titles=("Model",),
     columns=(*_score_columns(False), OVERALL, PARAMS),
     canonical=(("joint", "sst-para-sts"),),
-    row_of=lambda run: (_design(run), order_name(run)),
+    row_of=lambda run: (design_of(run), order_name(run)),
     labels=lambda key: (f"Full fine-tuning ({DESIGNS.get(key[0], key[0]).lower()}, "
                         f"{order_label(key[1])})",),
     describe=lambda key: f"Full fine-tuning, {DESIGNS.get(key[0], key[0])}, {order_label(key[1])}",
-    slot_of=_one_slot, shared=(("models", _model), ("PEFT configs", describe_peft)),
+    slot_of=_one_slot, shared=(("models", model_of), ("PEFT configs", describe_peft)),
     reference_row=lambda key: "full-ft")
 
 FIGURE2 = Layout(
@@ -152,10 +155,10 @@ FIGURE2 = Layout(
     label_keys=("design", "order"), label_titles=("Design", "Task order"),
     columns=(*_score_columns(False), OVERALL),
     canonical=tuple((d, o) for d in DESIGNS for o in ORDERS),
-    row_of=lambda run: (_design(run), order_name(run)),
+    row_of=lambda run: (design_of(run), order_name(run)),
     labels=lambda key: (DESIGNS.get(key[0], key[0]), order_label(key[1])),
     describe=lambda key: f"{DESIGNS.get(key[0], key[0])}, {order_label(key[1])}",
-    slot_of=_one_slot, shared=(("models", _model), ("PEFT configs", describe_peft)))
+    slot_of=_one_slot, shared=(("models", model_of), ("PEFT configs", describe_peft)))
 
 TABLE2_ROWS: dict[RowKey, str] = {
     **{("Lora", "attn_qkv", "none", rank): "LoRA (query & value & key)"
@@ -198,10 +201,11 @@ TABLE2 = Layout(
     labels=lambda key: (_table2_method(key), key[3]),
     describe=lambda key: f"{_table2_method(key)} r={key[3]}" if key[3] else _table2_method(key),
     slot_of=lambda run: str(run.get("trainer.task", "")), slots=("sst", "para", "sts"),
-    shared=(("models", _model), ("head designs", _design)), reference_row=_table2_reference)
+    shared=(("models", model_of), ("head designs", design_of)), reference_row=_table2_reference)
 
 
-def _table3_row(run: Run) -> RowKey:
+def strategy_of(run: Run) -> RowKey:
+    """Table 3's row of a multi-task run, (strategy, detail): ("sequential", "sst-para-sts")."""
     trainer = run.target("trainer")
     if trainer == "SequentialTrainer":
         return ("sequential", order_name(run))
@@ -214,13 +218,15 @@ def _table3_row(run: Run) -> RowKey:
     return (fixed[trainer], "") if trainer in fixed else (trainer or "?", "")
 
 
-def _table3_label(key: RowKey) -> str:
+def strategy_label(key: RowKey) -> str:
+    """`FedAvg`, `Sequential (sst → para → sts)`, `Interleaved (temperature)`."""
     kind, detail = key
     fixed = {("eoe", ""): "Ensemble of Experts", ("merged", "linear"): "FedAvg",
              ("orthoada", ""): "OrthoAda"}
     if key in fixed:
         return fixed[key]
-    names = {"sequential": "Sequential", "merged": "Merged", "interleaved": "Interleaved"}
+    names = {"sequential": "Sequential", "merged": "Merged", "interleaved": "Interleaved",
+             "single": "Single task"}
     detail = order_label(detail) if kind == "sequential" else detail
     name = names.get(kind, kind)
     return f"{name} ({detail})" if detail else name
@@ -237,95 +243,9 @@ TABLE3 = Layout(
     columns=(PARAMS, *_score_columns(False), OVERALL),
     canonical=(*(("sequential", o) for o in ORDERS), ("eoe", ""), ("merged", "linear"),
                ("orthoada", "")),
-    row_of=_table3_row, labels=lambda key: (_table3_label(key),), describe=_table3_label,
+    row_of=strategy_of, labels=lambda key: (strategy_label(key),), describe=strategy_label,
     slot_of=_one_slot,
-    shared=(("models", _model), ("PEFT configs", describe_peft), ("head designs", _design)),
+    shared=(("models", model_of), ("PEFT configs", describe_peft), ("head designs", design_of)),
     reference_row=_table3_reference)
 
-LAYOUTS = {layout.name: layout for layout in (TABLE1, TABLE2, TABLE3, FIGURE2)}
-
-Groups = dict[RowKey, dict[str, list[Run]]]
-
-
-def _build_row(layout: Layout, key: RowKey, slots: dict[str, list[Run]]) -> Row:
-    finished = {s: [r for r in slots.get(s, []) if r.finished] for s in layout.slots}
-    cells = {}
-    for col in layout.columns:
-        feeding = [r for s in layout.slots if col.slot in (None, s) for r in finished[s]]
-        values = (r.metric(col.metric) for r in feeding)
-        cells[col.key] = Cell(tuple(v for v in values if v is not None))
-    return Row(key, layout.labels(key), cells, {s: len(runs) for s, runs in finished.items()})
-
-
-def _slot_notes(layout: Layout, place: str, slot: str, runs: list[Run]) -> list[str]:
-    if not runs:
-        return [f"{place}: missing (no run)"]
-    done = [r for r in runs if r.finished]
-    rest = f"; the mean is over the other {plural(len(done), 'run')}" if done else ""
-    notes = [f"{place} (seed {r.seed}): {r.status} in `{r.path}`: {r.problem}{rest}"
-             for r in runs if not r.finished]
-    for seed, count in Counter(r.seed for r in done).items():
-        if count > 1:
-            paths = ", ".join(f"`{r.path}`" for r in done if r.seed == seed)
-            notes.append(f"{place}: seed {seed} has {count} finished runs ({paths}); "
-                         "the mean is over them all")
-    for col in layout.columns:
-        if done and col.slot == slot and all(r.metric(col.metric) is None for r in done):
-            notes.append(f"{place}: no `{col.metric}` in the metrics.json of "
-                         + ", ".join(f"`{r.path}`" for r in done))
-    return notes
-
-
-def _gap_notes(layout: Layout, key: RowKey, slots: dict[str, list[Run]]) -> list[str]:
-    where = layout.describe(key)
-    if not any(slots.values()):
-        return [f"{where}: missing (no run)"]
-    notes: list[str] = []
-    for slot in layout.slots:
-        place = f"{where}, {TASK_TITLES.get(slot, slot)}" if slot else where
-        notes += _slot_notes(layout, place, slot, slots.get(slot, []))
-    return notes
-
-
-def _shared_notes(layout: Layout, runs: list[Run]) -> list[str]:
-    notes = []
-    for what, describe in layout.shared:
-        counts = Counter(describe(run) for run in runs)
-        if len(counts) > 1:
-            found = ", ".join(f"{value} ({plural(n, 'run')})"
-                              for value, n in sorted(counts.items()))
-            notes.append(f"the runs use several {what}: {found}; a row pools them")
-    return notes
-
-
-def build_table(layout: Layout, runs: list[Run], full_grid: bool) -> Table:
-    """One table from its runs. `full_grid`: every canonical row shows, with or without runs;
-    otherwise only rows that have runs (an ad-hoc run is not a sweep that left cells out)."""
-    groups: Groups = defaultdict(lambda: defaultdict(list))
-    left_out = []
-    for run in runs:
-        slot = layout.slot_of(run)
-        if slot in layout.slots:
-            groups[layout.row_of(run)][slot].append(run)
-        else:
-            left_out.append(f"left out `{run.path}`: its trainer.task is {slot or 'not set'}")
-    keys = [k for k in layout.canonical if full_grid or k in groups]
-    keys += sorted((k for k in groups if k not in layout.canonical),
-                   key=lambda k: natural_key("\0".join(k)))
-    rows = [_build_row(layout, key, groups.get(key, {})) for key in keys]
-    notes = [note for key in keys for note in _gap_notes(layout, key, groups.get(key, {}))]
-    return Table(layout, rows, notes + left_out + _shared_notes(layout, runs))
-
-
-def build_tables(runs: Iterable[Run], names: Iterable[str] = tuple(LAYOUTS)) -> list[Table]:
-    """The tables among `names` (keys of LAYOUTS) that have runs, in LAYOUTS' order."""
-    by_table: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        by_table[table_of(run)].append(run)
-    tables = []
-    for name in (n for n in LAYOUTS if n in set(names)):
-        table_runs = by_table.get(name, [])
-        if table_runs:
-            full_grid = any(declared_table(run) == name for run in table_runs)
-            tables.append(build_table(LAYOUTS[name], table_runs, full_grid))
-    return tables
+REPORT_LAYOUTS = {layout.name: layout for layout in (TABLE1, TABLE2, TABLE3, FIGURE2)}

@@ -1,6 +1,7 @@
 """Writing a built table out: Markdown (a GitHub pipe table under a bold title, notes as bullets),
 CSV (one column per metric mean and std, numbers only) and LaTeX (a booktabs `tabular`, notes as
-comments). Missing cells are gaps: "—" in Markdown and CSV, "--" in LaTeX."""
+comments). Missing cells are gaps: "—" in Markdown and CSV, "--" in LaTeX; a cell that is not
+the row's (the generic table's column of a task the row's runs did not train) is blank."""
 from __future__ import annotations
 
 import csv
@@ -34,6 +35,9 @@ def format_percent(cell: Cell) -> str | None:
 
 
 def cell_text(column: Column, cell: Cell) -> str | None:
+    """The cell as shown: None for a gap, "" for a cell that is not the row's."""
+    if not cell.applies:
+        return ""
     return format_percent(cell) if column.percent else format_score(cell)
 
 
@@ -86,6 +90,8 @@ def _csv_header(table: Table) -> list[str]:
 
 
 def _csv_cells(column: Column, cell: Cell) -> list[str]:
+    if not cell.applies:
+        return ["", "", ""] if column.percent else ["", ""]
     if cell.mean is None:
         return [GAP, "", ""] if column.percent else [GAP, ""]
     if column.percent:
@@ -129,8 +135,8 @@ def latex(table: Table) -> str:
 
 
 def write_table(table: Table, out_dir: Path) -> list[Path]:
-    """Writes `<name>.md`, `.csv` and `.tex` (table1, ..., figure2) into `out_dir`; returns their
-    paths."""
+    """Writes `<name>.md`, `.csv` and `.tex` (table1, ..., figure2, tasks) into `out_dir`;
+    returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = table.layout.name
     written = []
