@@ -115,7 +115,7 @@ def test_expert_trainer_config_errors(compose_cfg, synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match="orthoada needs LoRA adapters"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=orthoada", "peft=dora")),
             tmp_path)
-    with pytest.raises(ConfigError, match=r"trainer.task='qqp'; use one of"):
+    with pytest.raises(ConfigError, match=r"no task 'qqp'.*the tasks there are \['cfimdb', 'para', 'sst', 'sts'\]"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=single", "trainer.task=qqp")),
             tmp_path)
 
@@ -147,11 +147,11 @@ def test_expert_counts_match_the_reports_three_lora_experts(compose_cfg):
     from minbert.peft.lora import Lora
     from tasks.model import MultitaskModel
     from trainers.experts import expert_counts
-    from trainers.build import build
+    from trainers.build import build_head
     cfg = compose_cfg(["model=bert-base"])
     with torch.device("meta"):
         encoder = Lora(rank=64, targets="all_linear").apply(BertModel(BertConfig()))
-        heads = {t: build(cfg.heads[t], t, hidden_size=768) for t in ("sst", "para", "sts")}
+        heads = {t.name: build_head(cfg, t, 768) for t in get_tasks(["sst", "para", "sts"])}
         model = MultitaskModel(encoder, heads, pooling="pooler")
     per_expert = 12 * (4 * 64 * 1536 + 2 * 64 * (768 + 3072))  # 10,616,832
     counts = expert_counts(model, per_expert, 3)
