@@ -73,30 +73,42 @@ def _write(path: Path, header: list[str], rows: list[list]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_synthetic_data(root: Path, n: int = 40, seed: int = 0) -> Path:
-    """CS224N-format files for all three tasks, with learnable signal and one malformed row."""
-    rng = random.Random(seed)
+def synthetic_row(task, rng: random.Random, i: int) -> tuple[list[str], float]:
+    """One example of `task` by its kind, with a signal a model can learn: (texts, label)."""
+    if task.kind == "single_classification":
+        y = rng.randrange(task.num_labels)
+        return [f"a {WORDS[y % 5]} movie number {i}"], y
+    if task.kind == "pair_classification":
+        y = rng.randrange(task.num_labels)
+        second = [f"how do i learn topic {i}", f"where is city {i + 7}", f"why is sky {i}"][y % 3]
+        return [f"how do i learn topic {i}", second], float(y)
+    lo, hi = task.label_range
+    y = round(rng.uniform(lo, hi), 1)
+    high = y > (lo + hi) / 2
+    if task.kind == "single_regression":
+        return [f"{'great superb' if high else 'awful dull'} thing {i}"], y
+    return ["a dog runs fast", "a dog runs" if high else "stocks fell today"], y
+
+
+def write_synthetic_data(root: Path, n: int = 40, seed: int = 0,
+                         tasks=("sst", "para", "sts", "cfimdb")) -> Path:
+    """CS224N-format files for every split of `tasks` (their task files say which files and
+    columns), rows by each task's kind, with learnable signal; a malformed row in para's train."""
+    from tasks.registry import get_tasks
+
     root.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "dev", "test-student"):
-        labelled = split != "test-student"
-        sst, para, sts = [], [], []
-        for i in range(n):
-            y = rng.randint(0, 4)
-            sst.append([f"s{split}{i}", f"a {WORDS[y]} movie number {i}"] + ([y] if labelled else []))
-            dup = rng.randint(0, 1)
-            q2 = f"how do i learn topic {i}" if dup else f"where is city {i + 7}"
-            para.append([f"p{split}{i}", f"how do i learn topic {i}", q2]
-                        + ([float(dup)] if labelled else []))
-            sim = round(rng.uniform(0, 5), 1)
-            s2 = "a dog runs" if sim > 2.5 else "stocks fell today"
-            sts.append([f"t{split}{i}", "a dog runs fast", s2] + ([sim] if labelled else []))
-        if split == "train":
-            para.append(["pbad", "a question with no partner", "", ""])  # malformed: skipped
-        _write(root / f"ids-sst-{split}.csv", ["id", "sentence"] + ["sentiment"] * labelled, sst)
-        _write(root / f"quora-{split}.csv", ["id", "sentence1", "sentence2"]
-               + ["is_duplicate"] * labelled, para)
-        _write(root / f"sts-{split}.csv", ["id", "sentence1", "sentence2"]
-               + ["similarity"] * labelled, sts)
+    for task in get_tasks(list(tasks)):
+        rng = random.Random(f"{seed}-{task.name}")
+        for split in ("train", "dev", "test"):
+            labelled = split != "test"
+            rows = []
+            for i in range(n):
+                texts, y = synthetic_row(task, rng, i)
+                rows.append([f"{task.name[0]}{split}{i}", *texts] + ([y] if labelled else []))
+            if split == "train" and task.name == "para":
+                rows.append(["pbad", "a question with no partner", "", ""])  # malformed: skipped
+            _write(task.path(root, split), ["id", *task.text_columns]
+                   + [task.label_column] * labelled, rows)
     return root
 
 

@@ -318,3 +318,23 @@ def test_second_tokenization_reads_the_datasets_cache(tmp_path):
     assert Counting.calls == 1 and again.segments == first.segments
     other = EncodedSplit(read_split(task, tmp_path / "data", "train", cache), Counting(), 4, True)
     assert Counting.calls == 2 and other.segments != first.segments  # max_length is in the key
+
+
+def test_cfimdb_beside_the_report_tasks_and_a_sweep_over_task_lists(tmp_path, shared_synthetic_root):
+    """The issue's commands at smoke scale: four tasks as Ensemble of Experts with LoRA (one expert
+    per task, whatever the tasks), and a sweep over two task lists."""
+    from conftest import finished_runs, train_cli
+
+    sweep = tmp_path / "sweep"
+    train_cli("-m", "tasks=[sst,para,sts,cfimdb],[sst,cfimdb],[para,sts]", "trainer=eoe",
+              "peft=lora", "debug=smoke", f"data.root={shared_synthetic_root}",
+              f"hydra.sweep.dir={sweep}")
+    runs = {tuple(r["cfg"]["tasks"]): r["metrics"] for r in finished_runs(sweep)}
+    assert set(runs) == {("sst", "para", "sts", "cfimdb"), ("sst", "cfimdb"), ("para", "sts")}
+    assert {"cfimdb/dev/acc", "cfimdb/dev/f1"} <= set(runs["sst", "para", "sts", "cfimdb"])
+    four = runs["sst", "para", "sts", "cfimdb"]
+    assert four["dev/overall"] == pytest.approx(
+        (four["sst/dev/acc"] + four["para/dev/acc"] + (four["sts/dev/pearson"] + 1) / 2
+         + four["cfimdb/dev/acc"]) / 4)
+    experts = sorted(p.stem for p in next(sweep.glob("*/experts")).parent.glob("experts/*.safetensors"))
+    assert {"sst", "cfimdb"} <= set(experts) or {"para", "sts"} <= set(experts)
