@@ -138,5 +138,5 @@ def test_root_resolution(tmp_path, monkeypatch):
 
 
 def test_unknown_task_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"no task 'qqp'.*the tasks there are \['cfimdb', 'para', 'sst', 'sts'\]"):
+    with pytest.raises(ConfigError, match=r"no task 'qqp'.*the tasks there are \['cfimdb', 'nli', 'para', 'sst', 'sts'\]"):
         get_tasks(["sst", "qqp"])

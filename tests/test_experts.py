@@ -115,7 +115,7 @@ def test_expert_trainer_config_errors(compose_cfg, synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match="orthoada needs LoRA adapters"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=orthoada", "peft=dora")),
             tmp_path)
-    with pytest.raises(ConfigError, match=r"no task 'qqp'.*the tasks there are \['cfimdb', 'para', 'sst', 'sts'\]"):
+    with pytest.raises(ConfigError, match=r"no task 'qqp'.*the tasks there are \['cfimdb', 'nli', 'para', 'sst', 'sts'\]"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=single", "trainer.task=qqp")),
             tmp_path)
 

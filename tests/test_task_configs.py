@@ -338,3 +338,28 @@ def test_cfimdb_beside_the_report_tasks_and_a_sweep_over_task_lists(tmp_path, sh
          + four["cfimdb/dev/acc"]) / 4)
     experts = sorted(p.stem for p in next(sweep.glob("*/experts")).parent.glob("experts/*.safetensors"))
     assert {"sst", "cfimdb"} <= set(experts) or {"para", "sts"} <= set(experts)
+
+
+def test_every_shipped_task_file_loads():
+    from tasks.registry import CONF, available, get_tasks
+
+    names = available([CONF / "task"])
+    assert names == ["cfimdb", "nli", "para", "sst", "sts"]
+    assert [t.name for t in get_tasks(names)] == names
+
+
+def test_the_shipped_nli_example_reads_json_lines_under_the_data_root(tmp_path, compose_cfg):
+    import torch
+    from tasks.data import load_task_data
+    from tasks.registry import get_tasks
+    from trainers.build import build_head
+
+    (tmp_path / "nli").mkdir()
+    for split, n in (("train", 30), ("dev", 9)):
+        _write_data(tmp_path / "nli" / f"{split}.jsonl", "json", _rows("pair_classification", n))
+    (task,) = get_tasks(["nli"])
+    data = load_task_data([task], tmp_path)["nli"]
+    assert len(data["train"]) == 30 and data["dev"].labels[:3] == [0.0, 1.0, 2.0]
+    assert data["dev"].ids[:2] == ["0", "1"]  # no id column: the row number
+    head = build_head(compose_cfg(["heads=joint"]), task, 24).eval()
+    assert head(torch.randn(4, 24)).shape == (4, 3)
