@@ -363,3 +363,33 @@ def test_the_shipped_nli_example_reads_json_lines_under_the_data_root(tmp_path, 
     assert data["dev"].ids[:2] == ["0", "1"]  # no id column: the row number
     head = build_head(compose_cfg(["heads=joint"]), task, 24).eval()
     assert head(torch.randn(4, 24)).shape == (4, 3)
+
+
+def test_a_changed_task_file_is_not_resumed(tmp_path, compose_cfg):
+    """run.json keeps each task's config: a run started again after its task file changed is
+    refused, naming the task (its data or labels may mean something else now)."""
+    from minbert.errors import ConfigError
+    from tasks.registry import get_tasks, to_config
+    from trainers.record import check_same_run
+
+    new_task(tmp_path / "conf", tmp_path / "data", "pair_classification")
+    folders = [tmp_path / "conf" / "task"]
+    cfg = compose_cfg(["tasks=[mytask]"])
+    record = {"config": __import__("omegaconf").OmegaConf.to_container(cfg, resolve=True),
+              "tasks": [to_config(t) for t in get_tasks(["mytask"], folders)]}
+    check_same_run(tmp_path, record, cfg, get_tasks(["mytask"], folders))  # unchanged: fine
+    new_task(tmp_path / "conf", tmp_path / "data", "pair_classification",
+             lines={"metric": "macro_f1"})
+    with pytest.raises(ConfigError, match=r"task mytask \(.*mytask.yaml\) changed since the run"):
+        check_same_run(tmp_path, record, cfg, get_tasks(["mytask"], folders))
+
+
+def test_wandb_tags_name_the_runs_tasks(compose_cfg):
+    from trainers.sweeps import label_run
+
+    cfg = compose_cfg(["tasks=[sst,cfimdb]"])
+    label_run(cfg, {"peft": "none"}, None)
+    assert {"task:sst", "task:cfimdb", "peft:none"} <= set(cfg.logger.tags)
+    cfg = compose_cfg(["trainer=single", "trainer.task=sts"])
+    label_run(cfg, {}, None)
+    assert "task:sts" in cfg.logger.tags and "task:sst" not in cfg.logger.tags

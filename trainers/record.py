@@ -28,8 +28,10 @@ from trainers.build import build, build_method, build_model, resolve_device, run
 from trainers.evaluate import TaskWeights
 
 RUN_FILE = "run.json"
-# Keys a resumed run may change: where the data lives, display, checkpoint cadence, the logger.
-MAY_DIFFER = ("resume", "progress", "data.root", "checkpoint", "logger")
+# Keys a resumed run may change: where the data (and its cache) lives, display, checkpoint cadence,
+# the logger.
+MAY_DIFFER = ("resume", "progress", "data.root", "data.cache_dir", "data.download", "checkpoint",
+              "logger")
 
 
 def read_record(run_dir: Path) -> dict | None:
