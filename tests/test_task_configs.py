@@ -393,3 +393,29 @@ def test_wandb_tags_name_the_runs_tasks(compose_cfg):
     cfg = compose_cfg(["trainer=single", "trainer.task=sts"])
     label_run(cfg, {}, None)
     assert "task:sts" in cfg.logger.tags and "task:sst" not in cfg.logger.tags
+
+
+def test_a_hub_source_maps_its_splits(tmp_path, monkeypatch):
+    """`format: hub` asks datasets.load_dataset for the data set's own split names (the hub itself
+    is never reached in tests: load_dataset is replaced by a local data set, as the cache has it)."""
+    import datasets
+    from tasks import data as D
+    from tasks.registry import get_tasks
+
+    asked = []
+
+    def load_dataset(path, name=None, split=None, cache_dir=None):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_list(_rows("pair_classification", 9))
+
+    monkeypatch.setattr(D.datasets, "load_dataset", load_dataset)
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "mnli.yaml").write_text(
+        "name: mnli\nkind: pair_classification\nnum_labels: 3\ncolumns: {text: [premise, "
+        "hypothesis], label: label}\nmetric: accuracy\nsource: {format: hub, path: nyu-mll/glue, "
+        "name: mnli, splits: {train: train, dev: validation_matched}}\n")
+    (task,) = get_tasks(["mnli"], [tmp_path / "task"])
+    data = D.load_task_data([task], None)["mnli"]
+    assert asked == [("nyu-mll/glue", "mnli", "train"), ("nyu-mll/glue", "mnli",
+                                                         "validation_matched")]
+    assert set(data) == {"train", "dev"} and data["dev"].labels[:3] == [0.0, 1.0, 2.0]
