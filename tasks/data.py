@@ -91,7 +91,8 @@ def read_split(task: Task, root: Path, split: str, cache_dir: str | None = None)
     """A split of `task` as its source lists it; a test split's labels are not read."""
     if task.format == "hub":
         raw = _hub(task, split, cache_dir)
-        return _checked(task, raw, split, Path(f"{task.source['path']}:{split}"), split != "test")
+        return _checked(task, raw, split, Path(f"{task.source['path']}:{split}"), split != "test",
+                        "hub")
     path = task.path(root, split)
     if path is None:
         raise ConfigError(f"{task.file}: source.data_files has no {split} file")
@@ -111,7 +112,7 @@ def read_file(task: Task, path: Path, split: str, labelled: bool | None = None,
                            if fmt == "cs224n" else "."))
     raw = _cs224n(task, path, split, cache_dir) if fmt == "cs224n" else _local(
         fmt, path, split, cache_dir)
-    return _checked(task, raw, split, path, labelled, forgiving=fmt == "cs224n")
+    return _checked(task, raw, split, path, labelled, fmt)
 
 
 def _expected(task: Task, fmt: str, labelled: bool | None) -> list[str]:
@@ -184,15 +185,16 @@ def _check_columns(path, header, needed: list[str], what: str = "columns") -> No
 
 
 def _checked(task: Task, raw: datasets.Dataset, split: str, path: Path, labelled: bool | None,
-             forgiving: bool = False) -> Split:
-    """The rows of `raw` that are usable, as id/text_i/label columns; the rest counted."""
+             fmt: str) -> Split:
+    """The rows of `raw` that are usable, as id/text_i/label columns; the rest counted. CS224N
+    files are read forgivingly (an unparseable label skips its row, as their known bad rows need)."""
     id_column = task.id_column or ("id" if "id" in raw.column_names else None)
     if labelled is None:
         labelled = task.label_column in raw.column_names
     needed = [*([id_column] if id_column else []), *task.text_columns]
     _check_columns(path, raw.column_names, needed + ([task.label_column] if labelled else []))
-    check = _RowCheck(task, str(path), id_column, labelled, forgiving,
-                      "_line" in raw.column_names, task.format in ("csv", "tsv"))
+    check = _RowCheck(task, str(path), id_column, labelled, fmt == "cs224n",
+                      "_line" in raw.column_names, fmt in ("csv", "tsv"))
     rows = raw.map(check, batched=True, with_indices=True, remove_columns=raw.column_names,
                    new_fingerprint=fingerprint(raw._fingerprint, check.key(), "check"),
                    desc=f"checking {path.name}")
