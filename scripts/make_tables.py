@@ -13,7 +13,7 @@ says which, the rest of its config which row and column. Every other run goes in
 table: a row per task list, strategy, PEFT config and head design, a column per task with its
 primary metric (`report_tables/task_table.py`). Finished runs have `metrics.json`; a cell is the
 mean ± sample std over its runs (seeds). Each table is printed as Markdown and written as
-`table{N}.md`, `.csv` and `.tex` (`tasks.md`, ... for the tasks table) into --out (default:
+`table{N}.md`, `.csv` and `.tex` (tasks.md, .csv and .tex for the tasks table) into --out (default:
 `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as `figure2.md/csv/tex` and
 `figure2.png`. A missing, failed (`error.txt`) or unfinished run leaves a gap, and a note under
 the table names it. `--reference report` prints, under each table, the report's published dev

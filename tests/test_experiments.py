@@ -139,7 +139,7 @@ def test_failed_job_is_reported_and_the_others_kept(tmp_path, shared_synthetic_r
     assert "1 run(s) of the multirun failed" in proc.stderr and str(sweep / "1") in proc.stderr
     assert "Traceback" not in proc.stderr
     error = (sweep / "1" / "error.txt").read_text()
-    assert error.startswith("trainer: trainer.task='bogus'; use one of ['para', 'sst', 'sts']")
+    assert error.startswith("tasks: no task 'bogus': there is no task/bogus.yaml")
     assert sorted(r["cfg"]["trainer"]["task"] for r in finished_runs(sweep)) == ["sst", "sts"]
 
 
