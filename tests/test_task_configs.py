@@ -105,35 +105,52 @@ def new_task(conf, data, kind: str, name: str = "mytask", lines: dict | None = N
     return path
 
 
-@pytest.mark.parametrize("kind", list(SPECS))
-def test_a_new_task_trains_end_to_end_through_train_py(kind, tmp_path, shared_synthetic_root):
-    """The task file and its data in a config folder of the user's own, nothing else: trained
-    alone and after the three report tasks, through the real train.py (a multirun of both)."""
+SHORT = {"single_classification": "sc", "pair_classification": "pc", "single_regression": "sr",
+         "pair_regression": "pr"}
+
+
+def _keys(kind: str, name: str) -> set[str]:
+    spec = SPECS[kind][2]
+    metrics = [spec.split("metric: ")[1].split("\n")[0],
+               *spec.split("metrics: [")[1].split("]")[0].split(", ")]
+    return {f"{name}/dev/{'acc' if m == 'accuracy' else m}" for m in metrics}
+
+
+def test_a_new_task_of_each_kind_trains_end_to_end_through_train_py(tmp_path,
+                                                                    shared_synthetic_root):
+    """A task of each kind, its file and data in a config folder of the user's own and nothing
+    else, trained alone and after the three report tasks, in the joint and the separate pair
+    designs, through the real train.py (one multirun of all ten jobs)."""
     from conftest import finished_runs, train_cli
 
-    new_task(tmp_path / "conf", tmp_path / "data", kind)
-    sweep = tmp_path / "sweep"
-    train_cli("-m", "--config-dir", str(tmp_path / "conf"), "tasks=[mytask],[sst,para,sts,mytask]",
-              "debug=smoke", f"data.root={shared_synthetic_root}", "progress=false",
-              f"hydra.sweep.dir={sweep}", "heads=separate" if kind == "pair_regression" else "heads=joint")
+    for kind, name in SHORT.items():
+        new_task(tmp_path / "conf", tmp_path / "data", kind, name)
+    sweep, names = tmp_path / "sweep", list(SHORT.values())
+    lists = ",".join(f"[{n}]" for n in names) + f",[sst,para,sts,{','.join(names)}]"
+    train_cli("-m", "--config-dir", str(tmp_path / "conf"), f"tasks={lists}",
+              "heads=joint,separate", "debug=smoke", f"data.root={shared_synthetic_root}",
+              "progress=false", f"hydra.sweep.dir={sweep}")
     runs = finished_runs(sweep)
-    assert sorted(len(r["cfg"]["tasks"]) for r in runs) == [1, 4]
-    metric, extra = SPECS[kind][2].split("metric: ")[1].split("\n")[0], \
-        SPECS[kind][2].split("metrics: [")[1].rstrip("]").split(", ")
+    assert sorted(len(r["cfg"]["tasks"]) for r in runs) == [1] * 8 + [7, 7]
     for r in runs:
-        keys = {f"mytask/dev/{'acc' if m == 'accuracy' else m}" for m in [metric, *extra]}
-        assert keys <= set(r["metrics"]) and all(math.isfinite(r["metrics"][k]) for k in keys)
-        if len(r["cfg"]["tasks"]) == 4:
+        for kind, name in SHORT.items():
+            if name in r["cfg"]["tasks"]:
+                keys = _keys(kind, name)
+                assert keys <= set(r["metrics"]) and all(math.isfinite(r["metrics"][k])
+                                                         for k in keys)
+        if len(r["cfg"]["tasks"]) == 7:
             assert {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson"} <= set(r["metrics"])
-    run_dir = next(p.parent for p in sweep.glob("*/metrics.json"))
-    record = json.loads((run_dir / "run.json").read_text())
-    assert [t["name"] for t in record["tasks"]][-1] == "mytask"
-    lines = (run_dir / "predictions" / "mytask-dev-output.csv").read_text().splitlines()[1:]
-    values = [l.split(" , ")[1].strip() for l in lines]
-    if kind.endswith("regression"):  # a score keeps its decimals
-        assert all(len(v.split(".")[1]) == 6 for v in values)
-    else:
-        assert all(v.isdigit() and int(v) < 3 for v in values)
+    big = next(p.parent for p in sweep.glob("*/metrics.json")
+               if len(json.loads((p.parent / "run.json").read_text())["tasks"]) == 7)
+    record = json.loads((big / "run.json").read_text())
+    assert [t["name"] for t in record["tasks"]] == ["sst", "para", "sts", *names]
+    for kind, name in SHORT.items():
+        lines = (big / "predictions" / f"{name}-dev-output.csv").read_text().splitlines()[1:]
+        values = [line.split(" , ")[1].strip() for line in lines]
+        if kind.endswith("regression"):  # a score keeps its decimals
+            assert all(len(v.split(".")[1]) == 6 for v in values) and len(set(values)) > 1
+        else:
+            assert all(v.isdigit() and int(v) < 3 for v in values)
 
 
 def test_cfimdb_ships_as_a_task_file(data_root):
