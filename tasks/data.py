@@ -73,10 +73,14 @@ class Split:
         return Split(self.task, self.name, self.path, self.dataset.select(keep), self.skipped)
 
 
+def chosen_root(root: str | os.PathLike | None) -> Path:
+    """The data root asked for: `data.root` if set, else $MINBERT_DATA, else ./data."""
+    return Path(root or os.environ.get("MINBERT_DATA") or "data").expanduser().resolve()
+
+
 def resolve_root(root: str | os.PathLike | None) -> Path:
-    """`data.root` if set, else $MINBERT_DATA, else ./data. The folder must exist."""
-    chosen = root or os.environ.get("MINBERT_DATA") or "data"
-    path = Path(chosen).expanduser().resolve()
+    """`chosen_root(root)`, which must exist."""
+    path = chosen_root(root)
     if not path.is_dir():
         raise DataError(f"data folder {path} does not exist. Set data.root=... or MINBERT_DATA, "
                         "or fetch the files with `python scripts/get_data.py`.")

@@ -21,7 +21,6 @@ import http.client
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -32,9 +31,9 @@ from typing import Callable
 from tqdm import tqdm
 
 from minbert.errors import ConfigError, DataError
+from tasks.data import chosen_root  # (tasks.data also lifts csv's field size limit for IMDB)
 
 log = logging.getLogger(__name__)
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long IMDB reviews exceed the 128 KiB default
 DEFAULT_URL_BASE = (
     "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/main/data/"
 )
@@ -254,8 +253,7 @@ def data_root(cfg, tasks) -> Path:
     if mode not in DOWNLOAD_MODES:
         raise ConfigError(f"data.download={mode!r} must be one of {list(DOWNLOAD_MODES)}: auto "
                           "fetches the CS224N files into a missing data root, never only stops")
-    root = Path(cfg.data.get("root") or os.environ.get("MINBERT_DATA") or "data")
-    root = root.expanduser().resolve()
+    root = chosen_root(cfg.data.get("root"))
     if root.is_dir():
         return root
     missing = [t for t in tasks if any(p is not None and not p.is_file()
