@@ -24,10 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from minbert.errors import ConfigError, MinbertError
-from trainers.record import RUN_FILE
-from trainers.run import run
-from trainers.sweeps import FAILED_RUNS, label_run, record_failure
+from common.errors import ConfigError, MinbertError
+from trainers.engine.record import RUN_FILE
+from trainers.engine.run import run
+from trainers.engine.sweeps import FAILED_RUNS, label_run, record_failure
 
 log = logging.getLogger("train")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minbert.errors import CheckpointError
+from common.errors import CheckpointError
 
 # (HF module, minBERT module): one table, used both ways. {i} is a layer index.
 _NAMES = [

@@ -6,8 +6,8 @@ share of training time that checkpointing every `checkpoint.every_n_steps` steps
     python scripts/bench_checkpoint.py --methods none --interval 200 --rounds 5
     python scripts/bench_checkpoint.py --quick                 # one round of 4 steps a method
 
-The training steps are the real loop's (`trainers.loop.train_step` on the real data, batch 32), the
-checkpoints the real ones (`trainers.state.save_checkpoint`: the whole TrainState, written to a
+The training steps are the real loop's (`trainers.engine.loop.train_step` on the real data, batch 32), the
+checkpoints the real ones (`trainers.engine.state.save_checkpoint`: the whole TrainState, written to a
 temporary file, fsynced, renamed in). Needs the CS224N data (`$MINBERT_DATA` or --data-root).
 Target: at most 3 % at the default interval for full fine-tuning on MiniLM, for fp32 steps (the
 default precision) on any CPU; a faster step (bf16 on a CPU with native bf16, a GPU) makes the
@@ -27,10 +27,10 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.loop import train_step  # noqa: E402
-from trainers.precision import machine_class  # noqa: E402
-from trainers.run import setup  # noqa: E402
-from trainers.state import TrainState, checkpoint_files, save_checkpoint  # noqa: E402
+from trainers.engine.loop import train_step  # noqa: E402
+from trainers.engine.precision import machine_class  # noqa: E402
+from trainers.engine.run import setup  # noqa: E402
+from trainers.engine.state import TrainState, checkpoint_files, save_checkpoint  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET = 0.03

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.task, args.split, args.rounds = "sts", "dev", 1
-    from trainers.precision import machine_class
+    from trainers.engine.precision import machine_class
 
     rows = []
     for r in range(args.rounds):

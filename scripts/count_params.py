@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from minbert.errors import MinbertError
+from common.errors import MinbertError
 from minbert.model import BertConfig, BertModel
 from minbert.peft import param_counts
 from tasks.registry import get_tasks
-from trainers.build import build_model
+from trainers.engine.build import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -5,7 +5,7 @@
     #   base = transformers.BertModel.from_pretrained(<base checkpoint folder>)
     #   model = peft.PeftModel.from_pretrained(base, "exported/")
 
-The run is rebuilt by `trainers.record.load_run` (its saved config, the tasks it trained and the
+The run is rebuilt by `trainers.engine.record.load_run` (its saved config, the tasks it trained and the
 weights its strategy saved), and the encoder's adapter is written as `adapter_config.json` +
 `adapter_model.safetensors`. The task heads, which peft's format has no place for, go beside them
 as `minbert_heads.safetensors`. A run with one expert per task (`trainer=eoe`) is written as one
@@ -21,10 +21,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from minbert.checkpoint import resolve_checkpoint
-from minbert.errors import MinbertError
+from common.errors import MinbertError
 from minbert.peft.io import export_peft
-from trainers.evaluate import shared_weights
-from trainers.record import SavedRun, load_run
+from trainers.engine.evaluate import shared_weights
+from trainers.engine.record import SavedRun, load_run
 
 
 def _export(saved: SavedRun, out_dir: Path, heads: list[str]) -> Path:

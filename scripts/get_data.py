@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minbert.errors import MinbertError  # noqa: E402
+from common.errors import MinbertError  # noqa: E402
 from tasks import download as dl  # noqa: E402
 from tasks.registry import get_tasks  # noqa: E402
 

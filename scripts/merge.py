@@ -8,7 +8,7 @@ merged model on dev, without training.
     python scripts/merge.py <run> --method dare --density 0.3 --seed 1
 
 The run must come from `trainer=eoe`, `fedavg` or `orthoada` (its `experts/<task>.safetensors`).
-`trainers.record.load_run` rebuilds it (its config, the tasks it trained, its initial adapters); each
+`trainers.engine.record.load_run` rebuilds it (its config, the tasks it trained, its initial adapters); each
 expert's update is formed exactly per layer (ΔW_i = s_i B_i A_i) and merged in weight space
 (`minbert.peft.merging`), and each task keeps its own head. Options not given are the run's own
 (its `trainer.merge`, `trainer.weights`, ...) or, for another method, the published defaults
@@ -22,15 +22,15 @@ import json
 import sys
 from pathlib import Path
 
-from minbert.errors import MinbertError
+from common.errors import MinbertError
 from minbert.peft import check_mergeable
 from minbert.peft.merging import check_merge_options, default_options
 from tasks.data import load_task_data, resolve_root
-from trainers.experts import (MergedExperts, encoder_state, merge_experts, merged_weights,
+from trainers.strategies.experts import (MergedExperts, encoder_state, merge_experts, merged_weights,
                               read_experts)
-from trainers.build import build, encode_data
-from trainers.evaluate import RunContext, evaluate
-from trainers.record import load_run
+from trainers.engine.build import build, encode_data
+from trainers.engine.evaluate import RunContext, evaluate
+from trainers.engine.record import load_run
 
 
 def merge_settings(trainer, n: int, method: str | None, weights: list[float] | None,

@@ -5,7 +5,7 @@
     python scripts/predict.py <run> --text "A gripping, beautifully shot film."
     python scripts/predict.py <run> --text "How do I learn Python?" "What is the best way to learn Python?"
 
-The run is rebuilt by `trainers.record.load_run` (its saved config, the tasks it trained with their
+The run is rebuilt by `trainers.engine.record.load_run` (its saved config, the tasks it trained with their
 task configs, and the weights its strategy saved: one model, per-task experts or a merge). A file
 is read as its task's data is (`tasks.data.read_file`), labelled or not, in the format its name
 says (`.jsonl`/`.json`, `.parquet`, `.tsv`, `.csv`: the task's own format if it is CS224N's or
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from minbert.errors import ConfigError, DataError, MinbertError
+from common.errors import ConfigError, DataError, MinbertError
 from tasks.base import FORMATS, Task
 from tasks.batching import EncodedSplit
 from tasks.data import Split, read_file
-from trainers.evaluate import RunContext, predict_task, write_predictions
-from trainers.record import SavedRun, load_run
+from trainers.engine.evaluate import RunContext, predict_task, write_predictions
+from trainers.engine.record import SavedRun, load_run
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tsv": "tsv"}
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 
 class InnerProduct(nn.Module):

@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from minbert.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from tasks.base import Task
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from minbert.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from tasks.data import chosen_root  # (tasks.data also lifts csv's field size limit for IMDB)
 
 log = logging.getLogger(__name__)

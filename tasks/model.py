@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from tasks.batching import Batch
 
 POOLINGS = ("pooler", "cls", "mean")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from tasks import metrics as M
 from tasks.base import FORMATS, KINDS, SPLITS, Task
 

@@ -125,7 +125,7 @@ def smoke_overrides(root: Path, *extra: str) -> list[str]:
 def trained_run(root: Path, out: Path, *overrides: str):
     """A finished smoke run in `out`, with its config saved where train.py's Hydra saves it.
     Returns (the composed config, its metrics.json)."""
-    from trainers.run import run
+    from trainers.engine.run import run
 
     cfg = compose_config(smoke_overrides(root, *overrides))
     run(cfg, out)
@@ -189,8 +189,8 @@ class RecordingLogger:
 
 @pytest.fixture
 def recorded_logger(monkeypatch) -> RecordingLogger:
-    """The logger every `trainers.run.run` in the test uses instead of the configured one."""
-    from trainers import run as run_module
+    """The logger every `trainers.engine.run.run` in the test uses instead of the configured one."""
+    from trainers.engine import run as run_module
 
     recorder, real = RecordingLogger(), run_module.build
     monkeypatch.setattr(run_module, "build", lambda node, key, **kw: recorder if key == "logger"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minbert.model import BertModel
-from trainers.precision import Bf16Support
+from trainers.engine.precision import Bf16Support
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_encoder.py"
 TINY = ["--quick", "--rounds", "1", "--steps", "1", "--batch-size", "4", "--threads", "1"]

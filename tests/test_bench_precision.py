@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from trainers import precision as precision_module
-from trainers.precision import Bf16Support
+from trainers.engine import precision as precision_module
+from trainers.engine.precision import Bf16Support
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_precision.py"
 SUPPORT = {True: Bf16Support(True, "native (test)", 0.3),

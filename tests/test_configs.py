@@ -7,10 +7,10 @@ from omegaconf import OmegaConf
 
 from conftest import options
 from minbert import BertModel
-from minbert.errors import CheckpointError, ConfigError
+from common.errors import CheckpointError, ConfigError
 from minbert.peft import PeftMethod, param_counts
 from tasks.registry import get_tasks
-from trainers.build import build, build_model, resolve_device
+from trainers.engine.build import build, build_model, resolve_device
 
 
 def test_groups_have_the_documented_choices():
@@ -127,7 +127,7 @@ def test_a_configured_optimizer_is_never_silently_replaced(synthetic_root, tmp_p
     """GaLore and 8-bit states train with an AdamW of their own: another optimizer, or an AdamW
     option they cannot honour, stops the run naming both keys, before any training."""
     from conftest import compose_config, smoke_overrides
-    from trainers.run import run
+    from trainers.engine.run import run
 
     sgd = ["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.weight_decay"]
     cfg = compose_config(smoke_overrides(synthetic_root, *overrides, *sgd))
@@ -142,7 +142,7 @@ def test_a_configured_optimizer_is_never_silently_replaced(synthetic_root, tmp_p
 
 
 def test_sgd_alone_is_honoured(compose_cfg):
-    from trainers.optim import build_optimizer
+    from trainers.engine.optim import build_optimizer
 
     cfg = compose_cfg(["model=tiny", "trainer.optimizer._target_=torch.optim.SGD",
                        "+trainer.optimizer.momentum=0.9"])

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from minbert.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from tasks.registry import get_tasks
 from tasks.data import load_task_data, read_split, resolve_root
 

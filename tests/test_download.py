@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from minbert.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from tasks import download as dl
 from tasks.registry import get_tasks
 

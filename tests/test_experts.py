@@ -11,15 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, smoke_overrides, trained_run
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft import adapter_layers, merge
 from minbert.peft.io import read_metadata
 from minbert.peft.layer import replace_module
 from minbert.peft.lora import Lora, LoraLinear
 from tasks.registry import get_tasks
-from trainers.experts import encoder_state, merge_experts
-from trainers.build import build_model
-from trainers.run import run, setup
+from trainers.strategies.experts import encoder_state, merge_experts
+from trainers.engine.build import build_model
+from trainers.engine.run import run, setup
 
 LAYER = "layers.0.attn.query"
 
@@ -146,8 +146,8 @@ def test_expert_counts_match_the_reports_three_lora_experts(compose_cfg):
     from minbert.model import BertConfig, BertModel
     from minbert.peft.lora import Lora
     from tasks.model import MultitaskModel
-    from trainers.experts import expert_counts
-    from trainers.build import build_head
+    from trainers.strategies.experts import expert_counts
+    from trainers.engine.build import build_head
     cfg = compose_cfg(["model=bert-base"])
     with torch.device("meta"):
         encoder = Lora(rank=64, targets="all_linear").apply(BertModel(BertConfig()))

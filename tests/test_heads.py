@@ -6,7 +6,7 @@ import torch
 
 from minbert import BertModel
 from minbert.checkpoint import load_tokenizer
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from tasks.registry import get_tasks
 from tasks.aggregators import InnerProduct, ScaledCosine, make_aggregator
 from tasks.batching import EncodedSplit

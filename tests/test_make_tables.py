@@ -356,7 +356,7 @@ def test_shipped_reference_is_the_reports_numbers(cli):
 
 
 def task_config(name: str, kind: str, metric: str, **extra) -> dict:
-    """A task's entry in run.json, as trainers.record writes it (the keys the table reads)."""
+    """A task's entry in run.json, as trainers.engine.record writes it (the keys the table reads)."""
     return {"name": name, "kind": kind, "metric": metric, "metrics": [], **extra}
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from conftest import REPO, smoke_overrides
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.optim import AdamW8bit, GaLoreAdamW, optimizer_state_bytes
 from minbert.peft import adapter_layers, trainable_params
 from minbert.peft.full import FullFinetune
@@ -22,9 +22,9 @@ from minbert.peft.galore import Galore
 from minbert.peft.gradnormlorp import GradNormLoRP
 from peft_cases import base_encoder, batch, hidden, loss
 from test_peft_oracle import hf_base, hf_module_name, peft_tensor
-from trainers.memory import PeakMemory
-from trainers.optim import build_optimizer
-from trainers.run import run
+from trainers.engine.memory import PeakMemory
+from trainers.engine.optim import build_optimizer
+from trainers.engine.run import run
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0)  # as Hydra's _partial_
 
@@ -132,7 +132,7 @@ def test_memory_methods_run_end_to_end(compose_cfg, synthetic_root, tmp_path, ov
 
 PEAK_SCRIPT = """
 import time, torch
-from trainers.memory import PeakMemory
+from trainers.engine.memory import PeakMemory
 with PeakMemory(torch.device("cpu")) as peak:
     x = torch.ones(50_000_000)  # 200 MB, touched, held as long as a short training step
     time.sleep(0.1)

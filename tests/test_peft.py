@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minbert.errors import CheckpointError, ConfigError
+from common.errors import CheckpointError, ConfigError
 from minbert.model import BertConfig, BertModel
 from minbert.peft import (adapter_layers, adapter_state_dict, check_mergeable, merge,
                           merge_and_unload, merged, param_counts, trainable_params, unmerge)

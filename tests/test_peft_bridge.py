@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft import trainable_params
 from minbert.peft.bridge import PeftBridge, hf_names, translate
 from minbert.peft.io import export_peft

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 
 from conftest import REPO, smoke_overrides, trained_run
 from minbert.checkpoint import minbert_to_hf_key
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft import adapter_state_dict, param_counts
 from minbert.peft.io import load_adapter, read_metadata
 from tasks.registry import get_tasks
-from trainers.evaluate import RunContext, predict
+from trainers.engine.evaluate import RunContext, predict
 from tasks.data import load_task_data
-from trainers.build import build, build_method, build_model, encode_data
+from trainers.engine.build import build, build_method, build_model, encode_data
 
 METHODS = ["lora", "lora_fa", "dora", "vera", "houlsby", "pfeiffer", "ia3", "prefix", "prompt",
            "bitfit", "adalora", "dylora", "hydra", "dvora", "qlora", "peft"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import compose_config, smoke_overrides, trained_run
-from minbert.errors import ConfigError
-from trainers.optim import build_scheduler
-from trainers.run import run
+from common.errors import ConfigError
+from trainers.engine.optim import build_scheduler
+from trainers.engine.run import run
 
 BF16_TOLERANCE = 0.05  # |dev overall bf16 - fp32| on the synthetic run below
 
@@ -92,9 +92,9 @@ def test_bad_schedule_options_are_config_errors(synthetic_root, tmp_path):
 # ---- precision=auto: the choice from the hardware -------------------------------------------------
 from pathlib import Path  # noqa: E402
 
-from trainers import loop as loop_module  # noqa: E402
-from trainers import precision as precision_module  # noqa: E402
-from trainers.precision import (BF16_FLAGS, Bf16Support, cpu_bf16_support, cpu_flags,  # noqa: E402
+from trainers.engine import loop as loop_module  # noqa: E402
+from trainers.engine import precision as precision_module  # noqa: E402
+from trainers.engine.precision import (BF16_FLAGS, Bf16Support, cpu_bf16_support, cpu_flags,  # noqa: E402
                                 resolve_precision)
 
 CPU = torch.device("cpu")

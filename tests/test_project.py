@@ -44,7 +44,7 @@ def test_module_docstring_and_cited_names(path):
 
 
 def test_the_citation_check_can_fail():
-    assert resolves("minbert.peft.io.export_peft") and resolves("trainers.record.load_run")
+    assert resolves("minbert.peft.io.export_peft") and resolves("trainers.engine.record.load_run")
     assert not resolves("minbert.peft.export")  # what lora.py cited before
 
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config, smoke_overrides, write_synthetic_data
-from minbert import durable
-from minbert.durable import RunLock
-from minbert.errors import ConfigError
+from common import durable
+from common.durable import RunLock
+from common.errors import ConfigError
 from minbert.optim import AdamW8bit, GaLoreAdamW
-from trainers.run import run
-from trainers.state import checkpoint_files
+from trainers.engine.run import run
+from trainers.engine.state import checkpoint_files
 
 STEPS = ["checkpoint.every_n_steps=2", "trainer.epochs=2"]
 

@@ -1,4 +1,4 @@
-"""Task samplers (`trainers/samplers.py`) and PCGrad (`trainers/pcgrad.py`) for interleaved
+"""Task samplers (`trainers/strategies/samplers.py`) and PCGrad (`trainers/strategies/pcgrad.py`) for interleaved
 multi-task training: sampled task frequencies match the documented probabilities within 5 binomial
 standard deviations, schedules are reproducible from the generator's seed, the annealed schedule
 flattens monotonically, PCGrad matches a hand-computed example, and bad options fail with clear
@@ -12,9 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from minbert.errors import ConfigError
-from trainers.pcgrad import pcgrad, project_conflicting, task_gradients
-from trainers.samplers import SAMPLERS, make_sampler
+from common.errors import ConfigError
+from trainers.strategies.pcgrad import pcgrad, project_conflicting, task_gradients
+from trainers.strategies.samplers import SAMPLERS, make_sampler
 
 # Square numbers keep the expected probabilities easy to check by hand.
 SIZES = {"sst": 100, "para": 400, "sts": 25}

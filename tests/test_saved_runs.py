@@ -1,4 +1,4 @@
-"""A finished run rebuilt by the one loader (`trainers.record.load_run`) for every script: the task
+"""A finished run rebuilt by the one loader (`trainers.engine.record.load_run`) for every script: the task
 list the run trained is saved with it, the rebuilt model scores dev exactly as the run did for
 every kind of strategy, `export_peft.py` exports single-task runs (Table 2's cells) and per-task
 experts, and `predict.py` scores files and sentences with a trained run."""
@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, trained_run
 from tasks.data import load_task_data
-from trainers.build import encode_data
-from trainers.evaluate import RunContext, evaluate
-from trainers.record import load_run
+from trainers.engine.build import encode_data
+from trainers.engine.evaluate import RunContext, evaluate
+from trainers.engine.record import load_run
 
 SCORES = ("sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall")
 

@@ -12,8 +12,8 @@ import pytest
 from safetensors import safe_open
 
 from conftest import compose_config, smoke_overrides, trained_run
-from minbert.errors import ConfigError
-from trainers.run import run
+from common.errors import ConfigError
+from trainers.engine.run import run
 
 # 40 synthetic examples a task, batch 16: 3 batches a task, 9 steps an epoch (sequential)
 COMMON = ("peft=lora", "trainer.epochs=2", "trainer.optimizer.lr=1e-2", "heads=joint")
@@ -48,7 +48,7 @@ def test_scoring_inside_epochs_leaves_training_as_it_was(synthetic_root, tmp_pat
 def test_a_run_out_of_patience_stops_and_says_so(synthetic_root, tmp_path, caplog):
     """lr 0: dev never improves after the first evaluation, so patience 2 stops the run at the
     third evaluation, step 6 of 18."""
-    caplog.set_level(logging.INFO, logger="trainers.scoring")
+    caplog.set_level(logging.INFO, logger="trainers.engine.scoring")
     _, metrics = trained_run(synthetic_root, tmp_path, "trainer.epochs=2",
                              "trainer.optimizer.lr=0.0", "trainer.head_lr=0.0",
                              "trainer.eval_every_n_steps=2", "trainer.patience=2")

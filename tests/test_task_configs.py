@@ -178,7 +178,7 @@ def test_order_and_tasks_together_are_refused(tmp_path):
 
 def _error(tmp_path, task_kind="pair_classification", names=("mytask",), load=True, write=True,
            **lines):
-    from minbert.errors import MinbertError
+    from common.errors import MinbertError
     from tasks.data import load_task_data
     from tasks.registry import get_tasks
 
@@ -285,7 +285,7 @@ def test_metrics_match_known_values():
 @pytest.mark.parametrize("design", ["concat", "separate", "joint"])
 def test_a_three_class_pair_task_gets_three_logits_in_every_design(design, compose_cfg, tmp_path):
     import torch
-    from trainers.build import build_head
+    from trainers.engine.build import build_head
     from tasks.registry import get_tasks
 
     new_task(tmp_path / "conf", tmp_path / "data", "pair_classification")
@@ -302,7 +302,7 @@ def test_a_three_class_pair_task_gets_three_logits_in_every_design(design, compo
 
 def test_regression_head_spans_the_tasks_label_range(compose_cfg, tmp_path):
     import torch
-    from trainers.build import build_head
+    from trainers.engine.build import build_head
     from tasks.registry import get_tasks
 
     new_task(tmp_path / "conf", tmp_path / "data", "pair_regression")
@@ -375,7 +375,7 @@ def test_the_shipped_nli_example_reads_json_lines_under_the_data_root(tmp_path, 
     import torch
     from tasks.data import load_task_data
     from tasks.registry import get_tasks
-    from trainers.build import build_head
+    from trainers.engine.build import build_head
 
     (tmp_path / "nli").mkdir()
     for split, n in (("train", 30), ("dev", 9)):
@@ -391,9 +391,9 @@ def test_the_shipped_nli_example_reads_json_lines_under_the_data_root(tmp_path, 
 def test_a_changed_task_file_is_not_resumed(tmp_path, compose_cfg):
     """run.json keeps each task's config: a run started again after its task file changed is
     refused, naming the task (its data or labels may mean something else now)."""
-    from minbert.errors import ConfigError
+    from common.errors import ConfigError
     from tasks.registry import get_tasks, to_config
-    from trainers.record import check_same_run
+    from trainers.engine.record import check_same_run
 
     new_task(tmp_path / "conf", tmp_path / "data", "pair_classification")
     folders = [tmp_path / "conf" / "task"]
@@ -408,7 +408,7 @@ def test_a_changed_task_file_is_not_resumed(tmp_path, compose_cfg):
 
 
 def test_wandb_tags_name_the_runs_tasks(compose_cfg):
-    from trainers.sweeps import label_run
+    from trainers.engine.sweeps import label_run
 
     cfg = compose_cfg(["tasks=[sst,cfimdb]"])
     label_run(cfg, {"peft": "none"}, None)

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, smoke_overrides
-from minbert.errors import TrainingError
+from common.errors import TrainingError
 from tasks.base import Task
 from tasks.registry import get_tasks
-from trainers.run import build_model, run
+from trainers.engine.run import build_model, run
 
 METRIC_KEYS = {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall",
                "params/trainable", "params/total", "params/updated_pct",

@@ -11,7 +11,7 @@ The contract is small and made of separate capabilities (after torchtune's adapt
   (`minbert.peft.layer`), which are. A method whose update cannot fold in (bottleneck adapters,
   prefix and prompt tuning) says why in `not_mergeable`; `check_mergeable` turns that into an error
   for anything that needs merging (FedAvg, OrthoAda, TIES/DARE, merged evaluation, peft export);
-- a method may hook into training (`trainers.loop`): `extra_loss`, `after_step`,
+- a method may hook into training (`trainers.engine.loop`): `extra_loss`, `after_step`,
   `param_groups`, `state_dict`/`load_state_dict`.
 
 Free functions read all of that back, whatever the method: `trainable_params`, `param_counts`,
@@ -35,7 +35,7 @@ Free functions read all of that back, whatever the method: `trainable_params`, `
 | gradnormlorp | gradnormlorp.py | memory-efficient       | Huang et al., 2025            |
 
 GaLore and GradNormLoRP also shape the optimizer: they add `param_groups(model, groups)`, which
-tags the parameters whose gradients are projected (`trainers/optim.py` builds GaLoreAdamW then).
+tags the parameters whose gradients are projected (`trainers/engine/optim.py` builds GaLoreAdamW then).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft.layer import AdapterLinear, replace_module
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft.layer import AdapterLinear, adapt, check_options
 
 
@@ -197,7 +197,7 @@ class AdaLora:
         train_biases(encoder, self.bias)
         return encoder
 
-    # ---- the training loop's hooks (trainers.loop) -------------------------------------------
+    # ---- the training loop's hooks (trainers.engine.loop) -------------------------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor:
         return self.orth_reg_weight * orthogonality(list(self.allocator.layers.values()))
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 GROUPS = {
     "attention": (".attn.query.bias", ".attn.key.bias", ".attn.value.bias", ".attn.out.bias"),

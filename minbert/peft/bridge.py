@@ -25,7 +25,7 @@ from typing import ClassVar
 from torch import nn
 
 from minbert.checkpoint import minbert_to_hf_key
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 NAMED = ("target_modules", "feedforward_modules", "modules_to_save", "exclude_modules")
 PREFIX = "base_model.model."

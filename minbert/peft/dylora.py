@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft.layer import AdapterLinear, adapt, check_options, low_rank_update, train_biases
 
 
@@ -97,7 +97,7 @@ class DyLora:
         train_biases(encoder, self.bias)
         return encoder
 
-    # ---- the training loop's hooks (trainers.loop) -------------------------------------------
+    # ---- the training loop's hooks (trainers.engine.loop) -------------------------------------------
     def sample(self, generator: torch.Generator) -> None:
         span = self.r_max - self.r_min + 1
         self.ranks.train = self.r_min + int(torch.randint(span, (1,), generator=generator))

@@ -9,7 +9,7 @@ recomputed from the SVD of the current gradient every `update_proj_gap` steps. E
 
 A method that needs a projecting optimizer says so through `param_groups(model, groups)`: it splits
 the trainer's groups and tags the projected one with `rank`, `update_proj_gap`, `scale` and
-`proj_type` (see `trainers/optim.py`).
+`proj_type` (see `trainers/engine/optim.py`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.optim.galore import PROJ_TYPES
 from minbert.peft.layer import resolve_targets
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft.layer import AdapterLinear, adapt, resolve_targets
 
 

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minbert.checkpoint import minbert_to_hf_key
-from minbert.durable import atomic_write
-from minbert.errors import CheckpointError
+from common.durable import atomic_write
+from common.errors import CheckpointError
 from minbert.peft import adapter_layers, adapter_state_dict
 from minbert.peft.dora import DoraLinear
 from minbert.peft.lora import Lora, LoraLinear
@@ -36,7 +36,7 @@ def save_adapter(model: nn.Module, path: str | Path, metadata: dict | None = Non
 
 def save_state(state: dict[str, torch.Tensor], path: str | Path,
                metadata: dict | None = None) -> Path:
-    """Writes named tensors as safetensors, atomically and durably (`minbert.durable`), with
+    """Writes named tensors as safetensors, atomically and durably (`common.durable`), with
     JSON-encoded metadata values."""
     path = Path(path)
     state = {n: t.detach().cpu().contiguous() for n, t in state.items()}

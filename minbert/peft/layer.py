@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class AdapterLinear(nn.Module, ABC):
 
     adapter_tensors: tuple[str, ...] = ()  # the tensors the method adds (trained or drawn)
     # The adapter tensors ΔW is made of (None: all of `adapter_tensors`). A merge of experts forms
-    # ΔW from these, and merges any other tensor of the layer as a task vector (`trainers.experts`).
+    # ΔW from these, and merges any other tensor of the layer as a task vector (`trainers.strategies.experts`).
     delta_names: tuple[str, ...] | None = None
 
     def __init__(self, base: nn.Module, dropout: float = 0.0):

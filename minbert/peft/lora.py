@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft.layer import (AdapterLinear, adapt, check_options, low_rank_update,
                                 train_biases)
 

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.peft import adapter_layers
 from minbert.peft.layer import AdapterLinear
 

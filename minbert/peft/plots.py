@@ -1,11 +1,11 @@
 """Figures of what a PEFT method learned, written beside a run's training.png: AdaLoRA's final rank
 per layer (`adalora_ranks.png`) and DyLoRA's dev score at every rank (`dylora_ranks.png`). Drawn on
-matplotlib's Agg canvas (a bare `Figure`), written atomically (minbert.durable)."""
+matplotlib's Agg canvas (a bare `Figure`), written atomically (common.durable)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from minbert.durable import atomic_write
+from common.durable import atomic_write
 
 
 def _save(fig, path: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 
 class PrefixEncoder(nn.Module):

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 INITS = ("vocab", "text")
 

@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
-from trainers.sweeps import ERROR_FILE  # what a failed job of train.py writes
+from trainers.engine.sweeps import ERROR_FILE  # what a failed job of train.py writes
 
 Status = Literal["finished", "failed", "incomplete"]
 INCOMPLETE = "no metrics.json (still running or killed)"
-RUN_FILE = "run.json"  # trainers.record's: the tasks a run trains, each with its config
+RUN_FILE = "run.json"  # trainers.engine.record's: the tasks a run trains, each with its config
 REPORT_TASKS = ("sst", "para", "sts")  # the tasks of the report's tables
 REPORT_TABLES = ("table1", "table2", "table3", "figure2")
 METRIC_KEYS = {"accuracy": "acc"}  # as tasks.metrics.key: `<task>/dev/acc` for accuracy

@@ -35,7 +35,7 @@ def job_name(experiment: str, choices: list[str]) -> str:
 def run_job(experiment: str, choices: list[str], out: Path) -> dict:
     """The dev metrics of one preset job at scale=smoke, run in-process in `out`."""
     from conftest import compose_config
-    from trainers.run import run
+    from trainers.engine.run import run
 
     cfg = compose_config([f"experiment={experiment}", "scale=smoke", *choices])
     run(cfg, out)

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from minbert.durable import write_json
-from minbert.errors import CheckpointError, ConfigError, MinbertError
+from common.durable import write_json
+from common.errors import CheckpointError, ConfigError, MinbertError
 from minbert.peft import PeftMethod
 from tasks.registry import get_tasks, task_from_config, to_config
 from tasks.base import Task
 from tasks.model import MultitaskModel
-from trainers.build import build, build_method, build_model, resolve_device, run_tasks, \
+from trainers.engine.build import build, build_method, build_model, resolve_device, run_tasks, \
     seed_everything
-from trainers.evaluate import TaskWeights
+from trainers.engine.evaluate import TaskWeights
 
 RUN_FILE = "run.json"
 # Keys a resumed run may change: where the data (and its cache) lives, display, checkpoint cadence,
@@ -47,7 +47,7 @@ def read_record(run_dir: Path) -> dict | None:
 
 def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: str | None,
                  precision: tuple[str, str]) -> None:
-    """`precision`: (the one the run computes in, why: `trainers.precision.run_precision`)."""
+    """`precision`: (the one the run computes in, why: `trainers.engine.precision.run_precision`)."""
     chosen, why = precision
     write_json(Path(run_dir) / RUN_FILE, {
         "tasks": [to_config(t) for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),

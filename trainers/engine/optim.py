@@ -14,9 +14,9 @@ import functools
 
 import torch
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from minbert.optim import AdamW8bit, GaLoreAdamW
-from trainers.loop import param_groups
+from trainers.engine.loop import param_groups
 
 STATE_BITS = (32, 8)
 CARRIED = ("lr", "weight_decay", "betas", "eps")  # what AdamW8bit and GaLoreAdamW take of AdamW's

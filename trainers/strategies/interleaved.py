@@ -1,5 +1,5 @@
 """Joint multi-task training with a task sampler: one loop mixes batches of every task, one
-optimizer. `trainer.sampler` picks the task of each step (`trainers.samplers`: round_robin,
+optimizer. `trainer.sampler` picks the task of each step (`trainers.strategies.samplers`: round_robin,
 proportional (T5's examples-proportional mixing, Raffel et al., 2020), temperature (p_i ∝
 n_i^(1/T), Arivazhagan et al., 2019), annealed (BERT and PALs, Stickland & Murray, 2019)).
 With `trainer.pcgrad=true` every step takes one batch of each task and combines their gradients by
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from tasks.base import Task
-from trainers.evaluate import RunContext
-from trainers.loop import Step, Strategy, next_batch
-from trainers.samplers import OPTIONS, TaskSampler, make_sampler
-from trainers.state import TrainState
+from trainers.engine.evaluate import RunContext
+from trainers.engine.loop import Step, Strategy, next_batch
+from trainers.strategies.samplers import OPTIONS, TaskSampler, make_sampler
+from trainers.engine.state import TrainState
 
 
 class InterleavedTrainer(Strategy):

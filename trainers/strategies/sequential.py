@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 from tasks.base import Task
-from trainers.evaluate import RunContext
-from trainers.loop import Step, Strategy, next_batch
-from trainers.state import TrainState
+from trainers.engine.evaluate import RunContext
+from trainers.engine.loop import Step, Strategy, next_batch
+from trainers.engine.state import TrainState
 
 
 class SequentialTrainer(Strategy):

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 WANDB_MODES = ("offline", "online", "disabled")

@@ -28,17 +28,17 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from minbert.errors import CheckpointError, ConfigError
+from common.errors import CheckpointError, ConfigError
 from minbert.peft import adapter_layers, adapter_state_dict, adapter_tensors, param_counts
 from minbert.peft.io import method_metadata, save_state
 from minbert.peft.lora import LoraLinear
 from minbert.peft.merging import (MERGES, MergeError, check_merge_options, default_options,
                                    merge_deltas)
 from tasks.base import Task
-from trainers.evaluate import RunContext, TaskWeights
-from trainers.loop import FitResult
-from trainers.sequential import SequentialTrainer
-from trainers.state import TrainState
+from trainers.engine.evaluate import RunContext, TaskWeights
+from trainers.engine.loop import FitResult
+from trainers.strategies.sequential import SequentialTrainer
+from trainers.engine.state import TrainState
 
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]

@@ -16,10 +16,10 @@ import json
 import logging
 from pathlib import Path
 
-from minbert.durable import atomic_write, fault_point
+from common.durable import atomic_write, fault_point
 from tasks.base import Task
-from trainers.evaluate import RunContext, evaluate
-from trainers.state import TrainState
+from trainers.engine.evaluate import RunContext, evaluate
+from trainers.engine.state import TrainState
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from minbert.errors import MinbertError
+from common.errors import MinbertError
 
 log = logging.getLogger(__name__)
 ERROR_FILE = "error.txt"

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minbert.durable import write_text
+from common.durable import write_text
 from minbert.peft import merged
 from tasks.base import Task, overall_score
 from tasks.batching import EncodedSplit
 from tasks.model import MultitaskModel
-from trainers.precision import PRECISIONS
+from trainers.engine.precision import PRECISIONS
 
 TaskWeights = Callable[[str], ContextManager]  # task name -> a context holding its weights
 
@@ -47,7 +47,7 @@ class RunContext:
     weights: TaskWeights = shared_weights  # which weights score each task (FitResult.weights)
     checkpoint_every: int = 0  # checkpoint.every_n_steps (0: at epoch ends only)
     checkpoint_keep: int = 2  # checkpoint.keep
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (auto resolved: trainers.precision)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (auto resolved: trainers.engine.precision)
 
 
 def autocast(ctx: "RunContext"):

@@ -1,5 +1,5 @@
 """The one training loop every strategy shares: one `train_step`, one dev scoring
-(`trainers.scoring.score_dev`: at epoch ends and every `trainer.eval_every_n_steps` steps, with
+(`trainers.engine.scoring.score_dev`: at epoch ends and every `trainer.eval_every_n_steps` steps, with
 early stopping after `trainer.patience` evaluations without improvement), one driver (`train`)
 that checkpoints, resumes and stops cleanly when asked to.
 
@@ -16,7 +16,7 @@ total_steps, generator)` when a phase begins (AdaLoRA's fresh budget, DyLoRA's f
 `after_step(model, step, total_steps, generator)` after each optimizer step, the gradients still
 there (AdaLoRA's rank allocation, DyLoRA's rank sampling; `step` counts from 0 within the phase,
 `generator` is the run's), `param_groups(model, groups)` for its optimizer groups
-(trainers.optim), and `state_dict()` / `load_state_dict()` for its own state in checkpoints.
+(trainers.engine.optim), and `state_dict()` / `load_state_dict()` for its own state in checkpoints.
 """
 from __future__ import annotations
 
@@ -31,17 +31,17 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from minbert.errors import ConfigError, MinbertError, TrainingError
+from common.errors import ConfigError, MinbertError, TrainingError
 from minbert.peft import trainable_params
 from minbert.peft.io import load_adapter, method_metadata, save_adapter
 from tasks.base import Task
 from tasks.model import MultitaskModel
-from minbert.durable import fault_point
-from trainers.evaluate import RunContext, TaskWeights, autocast, shared_weights
-from trainers.pcgrad import pcgrad, task_gradients
-from trainers.scoring import (HISTORY_FILE, evaluates_now, out_of_patience, score_dev,
+from common.durable import fault_point
+from trainers.engine.evaluate import RunContext, TaskWeights, autocast, shared_weights
+from trainers.strategies.pcgrad import pcgrad, task_gradients
+from trainers.engine.scoring import (HISTORY_FILE, evaluates_now, out_of_patience, score_dev,
                               write_history)
-from trainers.state import Cursor, TrainState, save_checkpoint
+from trainers.engine.state import Cursor, TrainState, save_checkpoint
 
 log = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter.safetensors"
@@ -97,14 +97,14 @@ class Strategy(ABC):
     gradient clipping, the LR schedule, dev scoring every n steps and early stopping) and the
     defaults of a one-model, one-phase schedule."""
 
-    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.record.load_run)
+    load_weights = staticmethod(saved_weights)  # rebuilds a finished run (trainers.engine.record.load_run)
     pcgrad = False  # one batch of every task per step, gradients combined by PCGrad
 
     def __init__(self, optimizer: Callable, epochs: int = 10, head_lr: float | None = None,
                  max_grad_norm: float | None = None, scheduler: str = "constant",
                  warmup_ratio: float = 0.0, eval_every_n_steps: int | None = None,
                  patience: int | None = None):
-        from trainers.optim import check_scheduler
+        from trainers.engine.optim import check_scheduler
 
         if epochs < 1:
             raise ConfigError(f"trainer.epochs={epochs} must be at least 1")
@@ -128,7 +128,7 @@ class Strategy(ABC):
     def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
         """Builds the phase's optimizer, LR schedule (over the phase's steps: the whole run, or
         one expert) and fp16 gradient scaler, and tells the method a phase of training begins."""
-        from trainers.optim import build_optimizer, build_scheduler
+        from trainers.engine.optim import build_optimizer, build_scheduler
         total = self.steps_per_epoch(ctx, self.phases(ctx)[index]) * self.epochs
         state.optimizer = build_optimizer(self.optimizer, ctx.model, self.head_lr, ctx.method,
                                           ctx.state_bits)
@@ -160,7 +160,7 @@ class Strategy(ABC):
         """After a phase's last epoch."""
 
     def fit(self, ctx: RunContext) -> FitResult:
-        """Trains from the start in this process (`trainers.run.run` adds resuming and the run's
+        """Trains from the start in this process (`trainers.engine.run.run` adds resuming and the run's
         files of record)."""
         state = TrainState(ctx.model, ctx.generator, ctx.method)
         self.start(ctx)

@@ -33,7 +33,7 @@ from numbers import Integral, Real
 
 import torch
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 
 class SamplerError(ConfigError, ValueError):

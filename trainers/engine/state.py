@@ -9,7 +9,7 @@ state, the best score so far, the history and the running losses for the plots, 
 trained tensors. `state_dict()` / `load_state_dict()` hold all of it in plain tensors and values,
 so a checkpoint loads with `torch.load(weights_only=True)`.
 
-Checkpoints are `checkpoints/checkpoint-<n>.pt`, written atomically (`minbert.durable`), the
+Checkpoints are `checkpoints/checkpoint-<n>.pt`, written atomically (`common.durable`), the
 newest `keep` kept; `load_checkpoint` falls back to an older one when the newest is unreadable.
 torch's version and thread count are recorded, since both change CPU results bit for bit.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from minbert.peft import adapter_state_dict
-from minbert.durable import atomic_write
+from common.durable import atomic_write
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

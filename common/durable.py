@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, IO
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 FAULT_ENV = "MINBERT_FAULT"
 _reached: Counter = Counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minbert.durable import atomic_write
+from common.durable import atomic_write
 
 
 def _moving_average(values: list[float], window: int) -> np.ndarray:

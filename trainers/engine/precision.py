@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from minbert.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

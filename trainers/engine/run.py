@@ -4,9 +4,9 @@ the configured strategy, then score the best state on dev and write leaderboard 
 `train.py` is a thin Hydra wrapper around `run`.
 
 A run survives being killed: it holds a lock on its folder, checkpoints its whole `TrainState`
-(trainers.state), and, started again in the same folder, continues from the newest checkpoint and
+(trainers.engine.state), and, started again in the same folder, continues from the newest checkpoint and
 ends bit-identical to an uninterrupted run; a finished run (its `metrics.json` there, same config)
-returns its score without training. Every file is written atomically (minbert.durable), and
+returns its score without training. Every file is written atomically (common.durable), and
 `metrics.json` last: it marks a finished run."""
 from __future__ import annotations
 
@@ -17,20 +17,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from minbert.durable import RunLock, fault_point, write_json
+from common.durable import RunLock, fault_point, write_json
 from minbert.peft import check_mergeable, param_counts
 from tasks.data import load_task_data
 from tasks.download import data_root
-from trainers.build import (build, build_method, build_model, encode_data, resolve_device,
+from trainers.engine.build import (build, build_method, build_model, encode_data, resolve_device,
                             run_tasks, seed_everything)
-from trainers.evaluate import RunContext, evaluate, predict_task, write_predictions
-from trainers.loop import StopSignals, train, write_history
-from trainers.memory import PeakMemory, memory_metrics
-from trainers.plots import plot_training
-from trainers.precision import resolve_precision, run_precision
-from trainers.record import check_same_run, read_record, write_record
-from trainers.state import CHECKPOINTS, TrainState, load_checkpoint
-from trainers.sweeps import ERROR_FILE
+from trainers.engine.evaluate import RunContext, evaluate, predict_task, write_predictions
+from trainers.engine.loop import StopSignals, train, write_history
+from trainers.engine.memory import PeakMemory, memory_metrics
+from trainers.engine.plots import plot_training
+from trainers.engine.precision import resolve_precision, run_precision
+from trainers.engine.record import check_same_run, read_record, write_record
+from trainers.engine.state import CHECKPOINTS, TrainState, load_checkpoint
+from trainers.engine.sweeps import ERROR_FILE
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"

@@ -1,7 +1,7 @@
 """Building a run's parts from its composed Hydra config: any `_target_` node (with errors that
 name the config key), the seeds, the device, the PEFT method, the model (encoder, method, one head
-per task), the tasks a run trains and its tokenized data. Shared by `trainers.run` (training) and
-`trainers.record` (rebuilding a finished run)."""
+per task), the tasks a run trains and its tokenized data. Shared by `trainers.engine.run` (training) and
+`trainers.engine.record` (rebuilding a finished run)."""
 from __future__ import annotations
 
 import random
@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from minbert.checkpoint import load_tokenizer
-from minbert.errors import ConfigError, MinbertError
+from common.errors import ConfigError, MinbertError
 from minbert.peft import PeftMethod
 from tasks.registry import get_tasks
 from tasks.base import Task

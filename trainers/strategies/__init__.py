@@ -1,0 +1,1 @@
+"""Multi-task strategies, composed of phases, a schedule, a gradient combiner and a finisher."""
