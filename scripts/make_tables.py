@@ -11,7 +11,7 @@ A run is any folder below the given ones with `.hydra/config.yaml`. A run on the
 goes in a report table: its `experiment_name` (or, for an ad-hoc run, its trainer and PEFT method)
 says which, the rest of its config which row and column. Every other run goes in the `tasks`
 table: a row per task list, strategy, PEFT config and head design, a column per task with its
-primary metric (`report_tables/task_table.py`). Finished runs have `metrics.json`; a cell is the
+primary metric (`reports/tables/task_table.py`). Finished runs have `metrics.json`; a cell is the
 mean ± sample std over its runs (seeds). Each table is printed as Markdown and written as
 `table{N}.md`, `.csv` and `.tex` (tasks.md, .csv and .tex for the tasks table) into --out (default:
 `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as `figure2.md/csv/tex` and
@@ -27,11 +27,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from report_tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, beside,  # noqa: E402
-                           build_tables, collect_runs, figure2, load_reference, markdown,
-                           table_of, write_table)
+from reports.tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, beside,
+                            build_tables, collect_runs, figure2, load_reference, markdown,
+                            table_of, write_table)
 
 
 def table_name(value: str) -> str:

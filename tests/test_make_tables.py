@@ -265,7 +265,7 @@ def test_older_runs_order_tasks(cli, tmp_path):
             cfg.order.tasks.append("cfimdb")
         run = cli.collect_runs([write_run(tmp_path / name, cfg, 0)])[0][0]
         assert "tasks" not in run.config and cli.table_of(run) == number
-    from report_tables.layouts import order_name
+    from reports.tables.layouts import order_name
     assert order_name(cli.collect_runs([tmp_path / "a"])[0][0]) == "para-sts-sst"
 
 
@@ -345,7 +345,7 @@ def test_reference_errors(cli, sweep, tmp_path, capsys):
 
 def test_shipped_reference_is_the_reports_numbers(cli):
     """The shipped copy holds the report's 18 cells (Tables 1-3), e.g. its Table 1 row."""
-    from report_tables import load_reference
+    from reports.tables import load_reference
 
     ref = load_reference("report")
     assert len(ref.rows) == 18
