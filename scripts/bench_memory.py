@@ -21,7 +21,7 @@ come from `trainers.engine.optim.build_optimizer` as in train.py (lr 1e-5; memor
            would mix all methods): it adds activations and the optimizer's temporaries; median step
            ms, and its ratio to full AdamW's (median over batches of the same-batch time ratio);
            optimizer state and total over full AdamW's.
-  timing   methods take turns batch by batch (bench_peft.bench: round-robin, rotating order), after
+  timing   methods take turns batch by batch (reports.bench.round_robin: rotating order), after
            --warmup untimed steps each, so machine noise hits all alike.
   checks   GaLore's state equals theory within 1 % (projected moments, bases, whole state): for a
            projected [m, n] weight, moments of 2 r max(m, n) fp32 numbers instead of 2 m n, a basis
@@ -56,35 +56,32 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-SCRIPT = Path(__file__).resolve()
-sys.path[:0] = [str(SCRIPT.parent), str(SCRIPT.parents[1])]  # bench_peft; trainers, tasks
-from bench_encoder import CHECKPOINT, _busy_cpu_seconds  # noqa: E402
-from bench_peft import bench, load_batches, paired  # noqa: E402
+from minbert.checkpoint import load_tokenizer
+from minbert.model import BertModel
+from minbert.optim import QuantizedTensor
+from minbert.peft import trainable_params
+from minbert.peft.adalora import AdaLora
+from minbert.peft.bitfit import BitFit
+from minbert.peft.bottleneck import Houlsby, Pfeiffer
+from minbert.peft.dora import Dora
+from minbert.peft.dvora import Dvora
+from minbert.peft.dylora import DyLora
+from minbert.peft.hydra import Hydra
+from minbert.peft.ia3 import IA3
+from minbert.peft.prefix import Prefix
+from minbert.peft.prompt import Prompt
+from minbert.peft.qlora import QLora
+from minbert.peft.full import FullFinetune
+from minbert.peft.galore import Galore
+from minbert.peft.gradnormlorp import GradNormLoRP
+from minbert.peft.lora import Lora
+from reports.bench import CHECKPOINT, OtherProcesses, load_batches, paired, round_robin
+from tasks.heads import ClassifierHead
+from trainers.engine.memory import PeakMemory, memory_metrics
+from trainers.engine.optim import build_optimizer
+from trainers.engine.precision import machine_class
 
-from minbert.checkpoint import load_tokenizer  # noqa: E402
-from minbert.model import BertModel  # noqa: E402
-from minbert.optim import QuantizedTensor  # noqa: E402
-from minbert.peft import trainable_params  # noqa: E402
-from minbert.peft.adalora import AdaLora  # noqa: E402
-from minbert.peft.bitfit import BitFit  # noqa: E402
-from minbert.peft.bottleneck import Houlsby, Pfeiffer  # noqa: E402
-from minbert.peft.dora import Dora  # noqa: E402
-from minbert.peft.dvora import Dvora  # noqa: E402
-from minbert.peft.dylora import DyLora  # noqa: E402
-from minbert.peft.hydra import Hydra  # noqa: E402
-from minbert.peft.ia3 import IA3  # noqa: E402
-from minbert.peft.prefix import Prefix  # noqa: E402
-from minbert.peft.prompt import Prompt  # noqa: E402
-from minbert.peft.qlora import QLora  # noqa: E402
-from minbert.peft.full import FullFinetune  # noqa: E402
-from minbert.peft.galore import Galore  # noqa: E402
-from minbert.peft.gradnormlorp import GradNormLoRP  # noqa: E402
-from minbert.peft.lora import Lora  # noqa: E402
-from tasks.heads import ClassifierHead  # noqa: E402
-from trainers.engine.memory import PeakMemory, memory_metrics  # noqa: E402
-from trainers.engine.optim import build_optimizer  # noqa: E402
-from trainers.engine.precision import machine_class  # noqa: E402
-
+SCRIPT = Path(__file__).resolve()  # run again, --only KEY, to measure one method's peak
 TINY = dict(seed=0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=256)
 MiB, LR, GALORE_TOLERANCE, MIN_8BIT_MOMENT_CUT = 2 ** 20, 1e-5, 0.01, 3.5
@@ -138,7 +135,7 @@ class Classifier(nn.Module):
 
 
 class TrainStep:
-    """forward + cross-entropy + backward + optimizer step (bench_peft.bench's config protocol)."""
+    """forward + cross-entropy + backward + optimizer step (a reports.bench.round_robin config)."""
 
     def __init__(self, key: str, base: nn.Module, seed: int):
         _, make, bits = METHODS[key]
@@ -353,17 +350,15 @@ def main(argv=None) -> list[bool] | dict:
     print(f"batch={args.batch_size} timed steps={len(batches)} warmup={args.warmup}; peak = "
           + ("not measured (--no-peak)" if args.no_peak else
              f"peak-RSS growth over {args.peak_steps} steps, one subprocess per method") + "\n")
-    busy0, ours0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
-    seconds = bench(steps, batches, 1, args.warmup, not args.no_progress)
-    busy1, ours1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    with OtherProcesses() as cpu:
+        seconds = round_robin(steps, batches, 1, args.warmup, not args.no_progress)
     acc = {key: accounting(step, peaks[key] or 0) for key, step in steps.items()}
     results = report(steps, acc, seconds)
-    print(f"\n{sum(results)}/{len(results)} checks pass; timing {wall1 - wall0:.0f} s, "
+    print(f"\n{sum(results)}/{len(results)} checks pass; timing {cpu.seconds:.0f} s, "
           f"whole run {time.perf_counter() - t0:.0f} s")
-    if busy0 is not None:  # CPU time that other processes took while we timed
-        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-        print(f"other processes used {others:.0f} CPU-s during the timing "
-              f"({others / ((wall1 - wall0) * (os.cpu_count() or 1)):.0%} of the machine)")
+    if cpu.others is not None:  # CPU time that other processes took while we timed
+        print(f"other processes used {cpu.others:.0f} CPU-s during the timing "
+              f"({cpu.share:.0%} of the machine)")
     return results
 
 

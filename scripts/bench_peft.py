@@ -46,38 +46,31 @@ import argparse
 import contextlib
 import copy
 import os
-import random
-import statistics
-import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_encoder.py sits beside us
-from bench_encoder import (CHECKPOINT, _busy_cpu_seconds, make_batches, sst_sentences,  # noqa: E402
-                           synthetic_sentences)
-
-from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint  # noqa: E402
-from minbert.model import BertModel  # noqa: E402
-from minbert.peft import adapter_layers, merged, trainable_params  # noqa: E402
-from minbert.peft.adalora import AdaLora  # noqa: E402
-from minbert.peft.bitfit import BitFit  # noqa: E402
-from minbert.peft.bottleneck import Houlsby, Pfeiffer  # noqa: E402
-from minbert.peft.dora import Dora  # noqa: E402
-from minbert.peft.dvora import Dvora  # noqa: E402
-from minbert.peft.dylora import DyLora  # noqa: E402
-from minbert.peft.hydra import Hydra  # noqa: E402
-from minbert.peft.full import FullFinetune  # noqa: E402
-from minbert.peft.ia3 import IA3  # noqa: E402
-from minbert.peft.lora import Lora  # noqa: E402
-from minbert.peft.prefix import Prefix  # noqa: E402
-from minbert.peft.prompt import Prompt  # noqa: E402
-from minbert.peft.qlora import QLora  # noqa: E402
-from minbert.peft.vera import Vera  # noqa: E402
-from trainers.engine.precision import machine_class  # noqa: E402
+from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint
+from minbert.model import BertModel
+from minbert.peft import adapter_layers, merged, trainable_params
+from minbert.peft.adalora import AdaLora
+from minbert.peft.bitfit import BitFit
+from minbert.peft.bottleneck import Houlsby, Pfeiffer
+from minbert.peft.dora import Dora
+from minbert.peft.dvora import Dvora
+from minbert.peft.dylora import DyLora
+from minbert.peft.hydra import Hydra
+from minbert.peft.full import FullFinetune
+from minbert.peft.ia3 import IA3
+from minbert.peft.lora import Lora
+from minbert.peft.prefix import Prefix
+from minbert.peft.prompt import Prompt
+from minbert.peft.qlora import QLora
+from minbert.peft.vera import Vera
+from reports.bench import (CHECKPOINT, OtherProcesses, load_batches, paired, round_robin,
+                           step_seconds)
+from trainers.engine.precision import machine_class
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TRAIN_METHODS = {  # row label -> method, built the same way for minBERT and for peft
@@ -227,45 +220,6 @@ def build_configs(hf_folder: Path) -> tuple[dict, list[str], dict]:
     return configs, infer_rows, params
 
 
-# ---- timing --------------------------------------------------------------------------------------
-def bench(configs: dict, batches: list[dict], repeats: int, warmup: int, progress: bool) -> dict:
-    """{config: [[seconds per batch] per repeat]}. Configurations take turns batch by batch, in an
-    order that rotates and flips from round to round, so a noisy neighbour slows all alike."""
-    names = list(configs)
-    with contextlib.ExitStack() as stack:
-        for name in names:  # e.g. merge the merged configuration's weights, once, untimed
-            stack.enter_context(configs[name].session())
-        for name in tqdm(names, desc="warm-up", disable=not progress or not warmup, leave=False):
-            for i in range(warmup):
-                configs[name](batches[i % len(batches)])
-        seconds = {name: [[] for _ in range(repeats)] for name in names}
-        bar = tqdm(total=repeats * len(batches) * len(names), desc="timing", leave=False,
-                   disable=not progress)
-        for r in range(repeats):
-            for i, batch in enumerate(batches):
-                k = r * len(batches) + i
-                shift = (2 * k) % len(names)  # rotate by a pair so twins stay adjacent
-                order = names[shift:] + names[:shift]
-                for name in (order[::-1] if k % 2 else order):  # flip who goes first
-                    t0 = time.perf_counter()
-                    configs[name](batch)
-                    seconds[name][r].append(time.perf_counter() - t0)
-                    bar.update()
-        bar.close()
-    return seconds
-
-
-def step_seconds(seconds: dict, key, pick=statistics.median) -> float:
-    """Seconds for one pass over the batches: each batch's median (or `pick`) over repeats."""
-    return sum(pick(ts) for ts in zip(*seconds[key]))
-
-
-def paired(seconds: dict, num, den) -> float:
-    """Median over every (repeat, batch) of t[num] / t[den]: the same batch, seconds apart."""
-    return statistics.median(a / b for ra, rb in zip(seconds[num], seconds[den])
-                             for a, b in zip(ra, rb))
-
-
 # ---- report --------------------------------------------------------------------------------------
 def report(seconds: dict, infer_rows: list[str], params: dict, n_examples: int) -> list[bool]:
     def exs(key):  # median ex/s, and in brackets the best repeat's (least hit by other processes)
@@ -334,17 +288,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load_batches(args, tokenizer) -> tuple[list[dict], str]:
-    rng = random.Random(args.seed)
-    n = args.batch_size * args.steps
-    root = Path(args.data_root) if args.data_root else None
-    if root is not None and (root / "ids-sst-train.csv").is_file():
-        sentences, source = sst_sentences(root, n, rng), f"SST train ({root})"
-    else:
-        sentences, source = synthetic_sentences(n, rng), "synthetic (no ids-sst-train.csv found)"
-    return make_batches(tokenizer, sentences, args.batch_size, args.max_length, "cpu"), source
-
-
 def main(argv=None) -> list[bool]:
     args = parse_args(argv)
     import peft
@@ -370,16 +313,14 @@ def main(argv=None) -> list[bool]:
           f"{max(m.shape[1] for m in masks)} tokens (max {args.max_length}), {pad:.0%} padding; "
           f"dropout 0, train mode\n")
 
-    busy0, ours0, wall0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
-    seconds = bench(configs, batches, args.repeats, args.warmup, not args.no_progress)
-    busy1, ours1, wall1 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    with OtherProcesses() as cpu:
+        seconds = round_robin(configs, batches, args.repeats, args.warmup, not args.no_progress)
     results = report(seconds, infer_rows, params, args.batch_size * len(batches))
-    print(f"\n{sum(results)}/{len(results)} targets pass; timing took {wall1 - wall0:.0f} s")
-    if busy0 is not None:  # CPU time that other processes took while we measured
-        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-        share = others / ((wall1 - wall0) * (os.cpu_count() or 1))
-        print(f"other processes used {others:.0f} CPU-s during the run ({share:.0%} of the machine)"
-              + ("; numbers are noisy: rerun on a quiet machine" if share > 0.05 else ""))
+    print(f"\n{sum(results)}/{len(results)} targets pass; timing took {cpu.seconds:.0f} s")
+    if cpu.others is not None:  # CPU time that other processes took while we measured
+        print(f"other processes used {cpu.others:.0f} CPU-s during the run ({cpu.share:.0%} of "
+              "the machine)" + ("; numbers are noisy: rerun on a quiet machine"
+                                if cpu.share > 0.05 else ""))
     return results
 
 
