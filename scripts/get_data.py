@@ -30,11 +30,9 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.errors import MinbertError  # noqa: E402
-from tasks import download as dl  # noqa: E402
-from tasks.registry import get_tasks  # noqa: E402
+from common.errors import MinbertError
+from tasks import download as dl
+from tasks.registry import get_tasks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
