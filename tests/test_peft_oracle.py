@@ -169,5 +169,5 @@ def test_exported_adapter_loads_in_peft_with_the_same_outputs(method, tmp_path):
 def test_export_refuses_vera(tmp_path):
     from common.errors import CheckpointError
     ours = METHODS["vera"]().apply(base_encoder("tiny"))
-    with pytest.raises(CheckpointError, match="supports lora, lora_fa and dora, not vera"):
+    with pytest.raises(CheckpointError, match="peft=vera has no peft format to export to"):
         export_peft(ours, METHODS["vera"](), tmp_path)

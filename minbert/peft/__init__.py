@@ -8,11 +8,14 @@ The contract is small and made of separate capabilities (after torchtune's adapt
   draws at random, which adapter files save (`adapter_state_dict`);
 - a module whose update folds into base weights is also `Mergeable`: `delta()` (ΔW, Δb),
   `merge()`, `unmerge()`. Methods that adapt Linear layers wrap them in `AdapterLinear`s
-  (`minbert.peft.layer`), which are. A method whose update cannot fold in (bottleneck adapters,
-  prefix and prompt tuning) says why in `not_mergeable`; `check_mergeable` turns that into an error
-  for anything that needs merging (FedAvg, OrthoAda, TIES/DARE, merged evaluation, peft export);
-- a method may hook into training (`trainers.engine.loop`): `extra_loss`, `after_step`,
-  `param_groups`, `state_dict`/`load_state_dict`.
+  (`minbert.peft.layer`), which are;
+- a method declares, once on its class (`minbert.peft.contract`), its `name`, its
+  `capabilities` (why it cannot merge, if it cannot: bottleneck adapters, prefix and prompt
+  tuning; whether it exports to peft's format; whether it needs its own optimizer; the encoder
+  seam it enters through) and `merge_eval`; `check_mergeable` turns a missing merge into an error
+  for anything that needs one (FedAvg, OrthoAda, TIES/DARE, merged evaluation);
+- a method with training hooks (`extra_loss`, `after_step`, `param_groups`, `state_dict`, ...)
+  subclasses `minbert.peft.contract.NoHooks`, which the loop adapts every method to.
 
 Free functions read all of that back, whatever the method: `trainable_params`, `param_counts`,
 `merge`/`unmerge`/`merged`, `adapter_state_dict`. Methods are built from config by Hydra
@@ -34,8 +37,8 @@ Free functions read all of that back, whatever the method: `trainable_params`, `
 | galore       | galore.py       | memory-efficient       | Zhao et al., 2024             |
 | gradnormlorp | gradnormlorp.py | memory-efficient       | Huang et al., 2025            |
 
-GaLore and GradNormLoRP also shape the optimizer: they add `param_groups(model, groups)`, which
-tags the parameters whose gradients are projected (`trainers/engine/optim.py` builds GaLoreAdamW then).
+GaLore and GradNormLoRP also shape the optimizer: they declare `own_optimizer` (the trainer builds
+GaLoreAdamW) and their `param_groups` hook tags the parameters whose gradients are projected.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import capabilities
 from minbert.peft.layer import AdapterLinear, replace_module
 
 
@@ -80,10 +84,10 @@ class Mergeable(Protocol):
 def check_mergeable(method, wanted: str) -> None:
     """A ConfigError naming the method and the reason, if `wanted` (say `trainer=fedavg`) needs
     the method's update to fold into the base weights and it does not."""
-    reason = getattr(method, "not_mergeable", None)
+    reason = capabilities(method).not_mergeable
     if reason:
-        name = getattr(method, "name", type(method).__name__)
-        raise ConfigError(f"{wanted} merges in weight space, which peft={name} cannot: {reason}. "
+        raise ConfigError(f"{wanted} merges in weight space, which peft={method.name} cannot: "
+                          f"{reason}. "
                           "Use a method whose update folds into the weights (lora, dora, vera, "
                           "ia3, bitfit, none, ...) or another trainer")
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import AdapterLinear, adapt, check_options
 
 
@@ -175,6 +176,7 @@ class AdaLora:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "adalora"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __post_init__(self):
         self.rank = self.init_r  # for check_options

@@ -15,6 +15,7 @@ from typing import ClassVar
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 
 GROUPS = {
     "attention": (".attn.query.bias", ".attn.key.bias", ".attn.value.bias", ".attn.out.bias"),
@@ -30,6 +31,8 @@ class BitFit:
     biases: object = ("attention", "ffn", "layernorm")
     lr: float | None = None
     name: ClassVar[str] = "bitfit"
+    capabilities: ClassVar[Capabilities] = Capabilities()  # its biases merge as task vectors
+    merge_eval: ClassVar[bool] = False  # no adapter layers to merge
 
     def __post_init__(self):
         self.biases = [self.biases] if isinstance(self.biases, str) else list(self.biases)

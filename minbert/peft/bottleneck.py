@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU,
                "tanh": nn.Tanh}
@@ -83,8 +84,10 @@ class Houlsby:
     name: ClassVar[str] = "houlsby"
     places: ClassVar[tuple[str, ...]] = ("attn", "ffn")
     residual: ClassVar[type] = HoulsbyResidual
-    not_mergeable: ClassVar[str] = ("its bottleneck adapters are non-linear functions of the "
-                                    "hidden states, with no weight update to fold in")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        not_mergeable="its bottleneck adapters are non-linear functions of the hidden states, "
+                      "with no weight update to fold in", seam="residual")
+    merge_eval: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
@@ -122,6 +125,7 @@ class Pfeiffer(Houlsby):
     init: str = "bert"
     train_layer_norm: bool = False
     name: ClassVar[str] = "pfeiffer"
+    capabilities: ClassVar[Capabilities] = Houlsby.capabilities
     places: ClassVar[tuple[str, ...]] = ("ffn",)
     residual: ClassVar[type] = PfeifferResidual
 

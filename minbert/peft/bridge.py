@@ -9,23 +9,23 @@ The options that name modules (`target_modules`, `feedforward_modules`, `modules
 names (`query`, `attention.self.query`, `intermediate.dense`, `output.dense`, ...), matched as
 peft matches them on `transformers.BertModel` (a name or dotted suffix, or a regex over the full
 name), and translated to minBERT's own module names before `peft.inject_adapter_in_model`
-applies the tuner; `export_bridge` writes the result back in peft's own format, under
+applies the tuner; `peft_adapter` gives the result back in peft's own format, under
 transformers' names, so `peft.PeftModel.from_pretrained` loads it on `transformers.BertModel`.
 Prompt-learning tuners (prompt, prefix, p-tuning) change the inputs, not modules: they cannot go
 through this bridge, and `peft=prompt` / `peft=prefix` implement them here.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from minbert.checkpoint import minbert_to_hf_key
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 
 NAMED = ("target_modules", "feedforward_modules", "modules_to_save", "exclude_modules")
 PREFIX = "base_model.model."
@@ -69,8 +69,10 @@ class PeftBridge:
     config: object = None
     lr: float | None = None
     name: ClassVar[str] = "peft"
-    not_mergeable: ClassVar[str] = ("a peft tuner folds in through peft's own merge, which this "
-                                    "framework's merges do not drive")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        not_mergeable="its peft tuner folds in through peft's own merge, which this framework's "
+                      "merges do not drive", peft_export=True)
+    merge_eval: ClassVar[bool] = False
 
     def __post_init__(self):
         import peft
@@ -102,29 +104,20 @@ class PeftBridge:
         peft.inject_adapter_in_model(self.config, encoder)
         return encoder
 
-
-def export_bridge(encoder: nn.Module, method: PeftBridge, out_dir: str | Path,
-                  base_model: str | None = None) -> Path:
-    """Writes a bridged tuner in peft's format: tensors under transformers' names (the adapter
-    name dropped, as peft saves), and the config as given, with transformers' module names."""
-    from safetensors.torch import save_file
-
-    names = hf_names(encoder)
-    state = {}
-    for name, p in encoder.named_parameters():
-        if not p.requires_grad:
-            continue
-        module = max((m for m in names if name.startswith(m + ".") and "base_layer" not in m),
-                     key=len, default=None)
-        if module is None:
-            raise ConfigError(f"{name}: no transformers name for its module")
-        leaf = name[len(module) + 1:].replace(".default", "")
-        state[f"{PREFIX}{names[module]}.{leaf}"] = p.detach().cpu().contiguous()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in method.hf_config.items()}
-    config.update(base_model_name_or_path=base_model, inference_mode=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    return out
-
+    def peft_adapter(self, encoder: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What `minbert.peft.io.export_peft` writes: the config as given, with transformers' module
+        names, and the trained tensors under transformers' names (the adapter name dropped, as
+        peft saves)."""
+        names = hf_names(encoder)
+        state = {}
+        for name, p in encoder.named_parameters():
+            if not p.requires_grad:
+                continue
+            module = max((m for m in names if name.startswith(m + ".") and "base_layer" not in m),
+                         key=len, default=None)
+            if module is None:
+                raise ConfigError(f"{name}: no transformers name for its module")
+            leaf = name[len(module) + 1:].replace(".default", "")
+            state[f"{PREFIX}{names[module]}.{leaf}"] = p
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in self.hf_config.items()}
+        return config, state

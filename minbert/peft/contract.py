@@ -12,6 +12,7 @@ protocol: a small Protocol plus free functions, capabilities separate and option
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager, Protocol, runtime_checkable
@@ -124,3 +125,43 @@ def capabilities(method) -> Capabilities:
     if not isinstance(declared, Capabilities):
         raise TypeError(f"{type(method).__name__}.capabilities must be a Capabilities")
     return declared
+
+
+HOOKS = tuple(n for n in vars(NoHooks) if not n.startswith("_"))  # the hooks' names
+
+
+def declaration_problems(cls: type) -> list[str]:
+    """What a method class fails to declare, as sentences (empty: it keeps the contract). Every
+    method declares, on its own class, `name` and `capabilities`, and has `merge_eval`; a method
+    with a hook (a method named as one of `TrainingHooks`') subclasses `NoHooks`, or the loop
+    would never call it, and keeps the Protocol's parameters; `own_optimizer` needs the
+    `param_groups` hook that tags the groups, `peft_export` a `peft_adapter(encoder)`, and a
+    method that cannot merge cannot evaluate merged by default."""
+    who, own = cls.__name__, vars(cls)
+    problems = []
+    if not isinstance(own.get("name"), str):
+        problems.append(f"{who} declares no `name: ClassVar[str]` of its own")
+    declared = own.get("capabilities")
+    if not isinstance(declared, Capabilities):
+        problems.append(f"{who} declares no `capabilities: ClassVar[Capabilities]` of its own")
+        declared = Capabilities()
+    if not hasattr(cls, "merge_eval"):
+        problems.append(f"{who} has no `merge_eval` (a field, or ClassVar False if it cannot "
+                        "merge)")
+    elif getattr(cls, "merge_eval") is True and not declared.mergeable:
+        problems.append(f"{who} evaluates merged by default, but declares it cannot merge")
+    hooks = [n for n in HOOKS if callable(getattr(cls, n, None))]
+    if not issubclass(cls, NoHooks):
+        if hooks:
+            problems.append(f"{who} defines {', '.join(hooks)} without subclassing NoHooks: the "
+                            "loop would never call them")
+    else:
+        for n in HOOKS:
+            theirs, ours = inspect.signature(getattr(cls, n)), inspect.signature(getattr(NoHooks, n))
+            if list(theirs.parameters) != list(ours.parameters):
+                problems.append(f"{who}.{n}{theirs} does not keep the Protocol's {n}{ours}")
+    if declared.own_optimizer and getattr(cls, "param_groups", None) in (None, NoHooks.param_groups):
+        problems.append(f"{who} declares own_optimizer but no param_groups hook to tag its groups")
+    if declared.peft_export and not callable(getattr(cls, "peft_adapter", None)):
+        problems.append(f"{who} declares peft_export but has no peft_adapter(encoder)")
+    return problems

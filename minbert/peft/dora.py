@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import AdapterLinear, low_rank_update
 from minbert.peft.lora import Lora, LoraLinear
 
@@ -63,6 +64,7 @@ class Dora(Lora):
     """`peft=dora`: LoRA's options, with each adapted layer weight-decomposed."""
 
     name: ClassVar[str] = "dora"
+    capabilities: ClassVar[Capabilities] = Capabilities(peft_export=True)
 
     def make_layer(self, linear: nn.Linear) -> AdapterLinear:
         return DoraLinear(linear, self.rank, self.scaling, self.dropout)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minbert.peft.contract import Capabilities
 from minbert.peft.vera import Vera, VeraLinear, VeraProjections
 
 
@@ -61,4 +62,5 @@ class Dvora(Vera):
     """`peft=dvora`: VeRA's options; each adapted layer weight-decomposed as DoRA does."""
 
     name: ClassVar[str] = "dvora"
+    capabilities: ClassVar[Capabilities] = Capabilities()
     layer: ClassVar[type] = DvoraLinear

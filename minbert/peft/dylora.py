@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import AdapterLinear, adapt, check_options, low_rank_update, train_biases
 
 
@@ -79,6 +80,7 @@ class DyLora:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "dylora"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __post_init__(self):
         self.rank = self.r_max  # for check_options

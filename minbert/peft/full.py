@@ -7,11 +7,15 @@ from typing import ClassVar
 
 from torch import nn
 
+from minbert.peft.contract import Capabilities
+
 
 @dataclass
 class FullFinetune:
     lr: float | None = None  # the learning rate it trains at; the optimizer reads ${peft.lr}
     name: ClassVar[str] = "none"
+    capabilities: ClassVar[Capabilities] = Capabilities()  # mergeable: its update is the weights'
+    merge_eval: ClassVar[bool] = False  # no adapter layers to merge
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         for p in encoder.parameters():

@@ -20,6 +20,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from minbert.optim.galore import PROJ_TYPES
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import resolve_targets
 
 
@@ -58,6 +59,7 @@ class Galore:
     lr: float | None = None
     merge_eval: bool = False  # nothing to merge: the weights themselves train
     name: ClassVar[str] = "galore"
+    capabilities: ClassVar[Capabilities] = Capabilities(own_optimizer=True)  # GaLoreAdamW
 
     def __post_init__(self):
         check_projection(self.rank, self.update_proj_gap, self.proj_type)

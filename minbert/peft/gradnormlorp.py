@@ -15,6 +15,7 @@ from typing import ClassVar
 from torch import nn
 
 from minbert.peft import adapter_layers
+from minbert.peft.contract import Capabilities
 from minbert.peft.dora import Dora
 from minbert.peft.galore import check_projection, split_groups
 
@@ -28,6 +29,8 @@ class GradNormLoRP(Dora):
     scale: float = 0.25
     proj_type: str = "full"
     name: ClassVar[str] = "gradnormlorp"
+    capabilities: ClassVar[Capabilities] = Capabilities(peft_export=True,  # a DoRA adapter
+                                                        own_optimizer=True)  # GaLoreAdamW
 
     def __post_init__(self):
         super().__post_init__()

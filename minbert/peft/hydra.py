@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import AdapterLinear, adapt, check_options, train_biases
 
 
@@ -61,6 +62,7 @@ class Hydra:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "hydra"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __post_init__(self):
         self.rank = self.r_parallel  # for check_options

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import AdapterLinear, adapt, resolve_targets
 
 
@@ -62,6 +63,7 @@ class IA3:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "ia3"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __post_init__(self):
         self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)

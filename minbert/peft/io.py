@@ -2,10 +2,11 @@
 
 `save_adapter` writes `adapter_state_dict(model)` (adapters, heads, and any frozen tensors a method
 drew at random) as one safetensors file, with the method's config in its metadata, so one base
-checkpoint serves many adapters. `export_peft` writes a LoRA, LoRA-FA or DoRA adapter as peft's
-`adapter_config.json` + `adapter_model.safetensors` for `transformers.BertModel`
-(`peft.PeftModel.from_pretrained`), the exchange format of the HF ecosystem (Mangrulkar et al.,
-2022). Task heads have no place in that format and stay in our file.
+checkpoint serves many adapters. `export_peft` writes the adapter of a method that declares
+`peft_export` (LoRA, LoRA-FA, DoRA, a bridged peft tuner) as peft's `adapter_config.json` +
+`adapter_model.safetensors` for `transformers.BertModel` (`peft.PeftModel.from_pretrained`), the
+exchange format of the HF ecosystem (Mangrulkar et al., 2022); the method says what goes in
+(`peft_adapter(encoder)`). Task heads have no place in that format and stay in our file.
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from minbert.checkpoint import minbert_to_hf_key
 from common.durable import atomic_write
 from common.errors import CheckpointError
 from minbert.peft import adapter_layers, adapter_state_dict
-from minbert.peft.dora import DoraLinear
-from minbert.peft.lora import Lora, LoraLinear
+from minbert.peft.contract import capabilities
 
 PEFT_PREFIX = "base_model.model."
 
@@ -89,56 +89,43 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
     return meta
 
 
-def _peft_name(name: str, adapted: set[str]) -> str:
-    """minBERT parameter name -> the key peft saves for `transformers.BertModel`."""
+def peft_key(name: str, adapted: set[str], leaves: dict[str, str]) -> str:
+    """minBERT parameter name -> the key peft saves for `transformers.BertModel`. `adapted`: the
+    adapted layers' names; `leaves`: their tensors' leaf names in peft's format (`lora_A` ->
+    `lora_A.weight`)."""
     module, _, leaf = name.rpartition(".")
     if module.endswith(".base_layer"):  # an adapted layer's own weight or bias
         module, leaf = module.removesuffix(".base_layer"), f"base_layer.{leaf}"
     hf_module = minbert_to_hf_key(f"{module}.weight").removesuffix(".weight")
     if module in adapted:
-        leaf = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
-                "magnitude": "lora_magnitude_vector"}.get(leaf, leaf)
+        leaf = leaves.get(leaf, leaf)
     return f"{PEFT_PREFIX}{hf_module}.{leaf}"
 
 
-def export_peft(encoder: nn.Module, method: Lora, out_dir: str | Path,
+def export_peft(encoder: nn.Module, method, out_dir: str | Path,
                 base_model: str | None = None) -> Path:
-    """Writes `encoder`'s LoRA / LoRA-FA / DoRA adapter (or a bridged peft tuner, `peft=peft`) in
-    peft's format to `out_dir`."""
-    from minbert.peft.bridge import PeftBridge, export_bridge
-
-    if isinstance(method, PeftBridge):
-        return export_bridge(encoder, method, out_dir, base_model)
-    layers = dict(adapter_layers(encoder))
-    if not isinstance(method, Lora) or not all(isinstance(m, LoraLinear) for m in layers.values()):
-        raise CheckpointError(f"peft export supports lora, lora_fa and dora, not "
-                              f"{getattr(method, 'name', type(method).__name__)}")
-    if any(m.merged for m in layers.values()):
+    """Writes `encoder`'s adapter in peft's format to `out_dir`, for a method that declares
+    `peft_export` (LoRA, LoRA-FA, DoRA, a bridged peft tuner, ...): `method.peft_adapter(encoder)`
+    gives peft's config fields and the tensors under peft's names."""
+    if not capabilities(method).peft_export:
+        raise CheckpointError(f"peft={method.name} has no peft format to export to (the methods "
+                              "that declare peft_export have: lora, lora_fa, dora, ...)")
+    if any(m.merged for _, m in adapter_layers(encoder)):
         raise CheckpointError("the adapter layers are merged (with their own update, or with a "
                               "merge of experts as trainer=fedavg and orthoada make, whose ΔW is "
                               "full-rank): peft's LoRA format holds only unmerged low-rank "
                               "factors; unmerge them, or export the experts of an eoe run")
-    state = {_peft_name(n, set(layers)): t.cpu().contiguous()
-             for n, t in adapter_state_dict(encoder).items()}
+    config, state = method.peft_adapter(encoder)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
-        "r": method.rank, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
-        "use_rslora": method.rslora, "use_dora": any(isinstance(m, DoraLinear)
-                                                     for m in layers.values()),
-        "bias": method.bias, "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None,
-        # exact module names, so that a suffix never catches a module we did not adapt
-        "target_modules": sorted(minbert_to_hf_key(f"{n}.weight").removesuffix(".weight")
-                                 for n in layers),
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({n: t.detach().cpu().contiguous() for n, t in state.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {**config, "base_model_name_or_path": base_model, "inference_mode": True}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     return out
 
 
 def method_metadata(method) -> dict:
     """The method's config as plain data, for an adapter file's metadata."""
     fields = dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
-    return {"peft": {"name": getattr(method, "name", type(method).__name__), **fields}}
+    return {"peft": {"name": method.name, **fields}}

@@ -18,9 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError
+from common.errors import CheckpointError, ConfigError
+from minbert.checkpoint import minbert_to_hf_key
+from minbert.peft import adapter_layers, adapter_state_dict
+from minbert.peft.contract import Capabilities
+from minbert.peft.io import peft_key
 from minbert.peft.layer import (AdapterLinear, adapt, check_options, low_rank_update,
                                 train_biases)
+
+# Our adapter tensors' leaf names -> peft's, in its saved LoRA (and DoRA) adapters.
+PEFT_LEAVES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
+               "magnitude": "lora_magnitude_vector"}
 
 
 class LoraLinear(AdapterLinear):
@@ -62,6 +70,7 @@ class Lora:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "lora"
+    capabilities: ClassVar[Capabilities] = Capabilities(peft_export=True)
 
     def __post_init__(self):
         check_options(self)
@@ -79,3 +88,24 @@ class Lora:
         adapt(encoder, self.targets, self.make_layer)
         train_biases(encoder, self.bias)
         return encoder
+
+    def peft_adapter(self, encoder: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What `minbert.peft.io.export_peft` writes: peft's `LoraConfig` fields and the adapter's
+        tensors (A, B, DoRA's magnitude, the biases under bias=all) under peft's names."""
+        layers = dict(adapter_layers(encoder))
+        if not layers or not all(isinstance(m, LoraLinear) for m in layers.values()):
+            raise CheckpointError(f"peft={self.name}: the encoder has no LoRA layers to export")
+        state = {peft_key(n, set(layers), PEFT_LEAVES): t
+                 for n, t in adapter_state_dict(encoder).items()}
+        config = {
+            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+            "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "use_rslora": self.rslora,
+            "use_dora": any("magnitude" in m.adapter_tensors for m in layers.values()),
+            "bias": self.bias, "fan_in_fan_out": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None,
+            # exact module names, so that a suffix never catches a module we did not adapt
+            "target_modules": sorted(minbert_to_hf_key(f"{n}.weight").removesuffix(".weight")
+                                     for n in layers),
+        }
+        return config, state

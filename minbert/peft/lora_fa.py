@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import AdapterLinear
 from minbert.peft.lora import Lora, LoraLinear
 
@@ -20,6 +21,7 @@ class LoraFA(Lora):
     """`peft=lora_fa`: LoRA's options; A is frozen."""
 
     name: ClassVar[str] = "lora_fa"
+    capabilities: ClassVar[Capabilities] = Capabilities(peft_export=True)
 
     def make_layer(self, linear: nn.Linear) -> AdapterLinear:
         return LoraLinear(linear, self.rank, self.scaling, self.dropout, train_A=False)

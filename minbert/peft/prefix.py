@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 
 
 class PrefixEncoder(nn.Module):
@@ -74,8 +75,10 @@ class Prefix:
     projection_hidden: int = 512
     lr: float | None = None
     name: ClassVar[str] = "prefix"
-    not_mergeable: ClassVar[str] = ("its prefix is extra keys and values for attention, not a "
-                                    "weight update")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        not_mergeable="its prefix is extra keys and values for attention, not a weight update",
+        seam="kv_prefix")
+    merge_eval: ClassVar[bool] = False
 
     def __post_init__(self):
         for key in ("num_virtual_tokens", "projection_hidden"):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from minbert.peft.contract import Capabilities
 
 INITS = ("vocab", "text")
 
@@ -50,7 +51,10 @@ class Prompt:
     seed: int = 0
     lr: float | None = None
     name: ClassVar[str] = "prompt"
-    not_mergeable: ClassVar[str] = "its soft prompt is extra input embeddings, not a weight update"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        not_mergeable="its soft prompt is extra input embeddings, not a weight update",
+        seam="prompt")
+    merge_eval: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:

@@ -28,6 +28,7 @@ from torch import nn
 
 from minbert.optim.quant import QuantizedTensor, dynamic_map
 from minbert.peft import adapter_layers
+from minbert.peft.contract import Capabilities
 from minbert.peft.lora import Lora
 
 BLOCK, BLOCK2 = 64, 256
@@ -126,6 +127,8 @@ class QLora(Lora):
     """`peft=qlora`: LoRA's options; the targeted base weights stored in NF4."""
 
     name: ClassVar[str] = "qlora"
+    # exported as the LoRA it trains, for a base loaded in 4 bits (bitsandbytes quantizes as we do)
+    capabilities: ClassVar[Capabilities] = Capabilities(peft_export=True)
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         super().apply(encoder)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minbert.peft.contract import Capabilities
 from minbert.peft.layer import (AdapterLinear, adapt, check_options, resolve_targets,
                                 train_biases)
 
@@ -84,6 +85,7 @@ class Vera:
     lr: float | None = None
     merge_eval: bool = True
     name: ClassVar[str] = "vera"
+    capabilities: ClassVar[Capabilities] = Capabilities()
     layer: ClassVar[type] = VeraLinear  # what each targeted Linear becomes (DVoRA: DvoraLinear)
 
     def __post_init__(self):
