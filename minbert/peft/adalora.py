@@ -20,6 +20,7 @@ gradients and the masks after several allocation steps). Mergeable: ΔW is a wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from minbert.peft.contract import Capabilities
+from minbert.peft.contract import Capabilities, NoHooks
 from minbert.peft.layer import AdapterLinear, adapt, check_options
 
 
@@ -158,7 +159,7 @@ class RankAllocator:
 
 
 @dataclass
-class AdaLora:
+class AdaLora(NoHooks):
     """`peft=adalora`: AdaLoRA on `targets`, from rank `init_r` down to `target_r` per layer."""
 
     init_r: int = 12
@@ -199,11 +200,12 @@ class AdaLora:
         train_biases(encoder, self.bias)
         return encoder
 
-    # ---- the training loop's hooks (trainers.engine.loop) -------------------------------------------
+    # ---- the training loop's hooks (minbert.peft.contract.TrainingHooks) ---------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor:
         return self.orth_reg_weight * orthogonality(list(self.allocator.layers.values()))
 
-    def start_training(self, model: nn.Module, total_steps: int, generator) -> None:
+    def start_training(self, model: nn.Module, total_steps: int,
+                       generator: torch.Generator) -> None:
         """Before a run's (or an expert's) first step: a fresh budget."""
         self.allocator.load_state_dict({"ipt": {}, "exp_avg_ipt": {}, "exp_avg_unc": {},
                                         "rank_pattern": {}})
@@ -211,16 +213,17 @@ class AdaLora:
             raise ConfigError(f"peft.tinit={self.tinit} + peft.tfinal={self.tfinal} leave no "
                               f"allocation steps in this run's {total_steps} steps")
 
-    def after_step(self, model: nn.Module, step: int, total_steps: int, generator) -> None:
+    def after_step(self, model: nn.Module, step: int, total_steps: int,
+                   generator: torch.Generator) -> None:
         self.allocator.update_and_allocate(step, total_steps)
 
     def state_dict(self) -> dict:
-        return self.allocator.state_dict()
+        return {} if self.allocator is None else self.allocator.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.allocator.load_state_dict(state)
 
-    def report(self, model: nn.Module, run_dir) -> dict[str, float]:
+    def report(self, model: nn.Module, run_dir: Path) -> dict[str, float]:
         """The final rank of every adapted layer (metrics.json), and `adalora_ranks.png`."""
         ranks = {name: layer.rank() for name, layer in self.allocator.layers.items()}
         from minbert.peft.plots import plot_ranks

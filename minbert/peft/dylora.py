@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from minbert.peft.contract import Capabilities
+from minbert.peft.contract import Capabilities, NoHooks
 from minbert.peft.layer import AdapterLinear, adapt, check_options, low_rank_update, train_biases
 
 
@@ -66,7 +67,7 @@ class DyLoraLinear(AdapterLinear):
 
 
 @dataclass
-class DyLora:
+class DyLora(NoHooks):
     """`peft=dylora`: LoRA over ranks r_min..r_max, one sampled per step."""
 
     r_min: int = 1
@@ -99,15 +100,17 @@ class DyLora:
         train_biases(encoder, self.bias)
         return encoder
 
-    # ---- the training loop's hooks (trainers.engine.loop) -------------------------------------------
+    # ---- the training loop's hooks (minbert.peft.contract.TrainingHooks) ---------------------------
     def sample(self, generator: torch.Generator) -> None:
         span = self.r_max - self.r_min + 1
         self.ranks.train = self.r_min + int(torch.randint(span, (1,), generator=generator))
 
-    def start_training(self, model: nn.Module, total_steps: int, generator) -> None:
+    def start_training(self, model: nn.Module, total_steps: int,
+                       generator: torch.Generator) -> None:
         self.sample(generator)
 
-    def after_step(self, model: nn.Module, step: int, total_steps: int, generator) -> None:
+    def after_step(self, model: nn.Module, step: int, total_steps: int,
+                   generator: torch.Generator) -> None:
         self.sample(generator)  # the next step's rank
 
     def state_dict(self) -> dict:
@@ -128,7 +131,7 @@ class DyLora:
         finally:
             self.ranks.eval = before
 
-    def report_variants(self, scores: dict[str, float], run_dir) -> None:
+    def report_variants(self, scores: dict[str, float], run_dir: Path) -> None:
         from minbert.peft.plots import plot_rank_curve
 
         curve = {int(k.split("/r")[1].split("/")[0]): v for k, v in scores.items()

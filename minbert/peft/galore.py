@@ -7,9 +7,10 @@ recomputed from the SVD of the current gradient every `update_proj_gap` steps. E
 (biases, LayerNorm, embeddings, pooler, task heads) gets plain AdamW. The optimizer is
 `minbert.optim.GaLoreAdamW`, which reproduces galore-torch 1.0 number for number.
 
-A method that needs a projecting optimizer says so through `param_groups(model, groups)`: it splits
-the trainer's groups and tags the projected one with `rank`, `update_proj_gap`, `scale` and
-`proj_type` (see `trainers/engine/optim.py`).
+A method that needs the projecting optimizer declares `own_optimizer` (the trainer then builds
+GaLoreAdamW, `trainers/engine/optim.py`), and its `param_groups` hook splits the trainer's groups and
+tags the projected one with `rank`, `update_proj_gap`, `scale` and `proj_type`, which GaLoreAdamW
+reads.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from minbert.optim.galore import PROJ_TYPES
-from minbert.peft.contract import Capabilities
+from minbert.peft.contract import Capabilities, NoHooks
 from minbert.peft.layer import resolve_targets
 
 
@@ -48,7 +49,7 @@ def split_groups(groups: list[dict], projected: list[nn.Parameter], tags: dict) 
 
 
 @dataclass
-class Galore:
+class Galore(NoHooks):
     """`peft=galore`: every parameter trains; the targeted weights' gradients are projected."""
 
     rank: int = 8

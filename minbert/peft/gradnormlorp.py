@@ -15,13 +15,13 @@ from typing import ClassVar
 from torch import nn
 
 from minbert.peft import adapter_layers
-from minbert.peft.contract import Capabilities
+from minbert.peft.contract import Capabilities, NoHooks
 from minbert.peft.dora import Dora
 from minbert.peft.galore import check_projection, split_groups
 
 
 @dataclass
-class GradNormLoRP(Dora):
+class GradNormLoRP(Dora, NoHooks):
     """`peft=gradnormlorp`: DoRA's options, plus the projection of the LoRA factors' gradients."""
 
     proj_rank: int | None = None  # None: the LoRA rank
