@@ -42,8 +42,8 @@ def measure(method: str, model: str, rounds: int, steps: int, data_root: str | N
         cfg = compose(config_name="config", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _, ctx = setup(cfg, tmp)
-        state = TrainState(ctx.model, ctx.generator, ctx.method)
-        trainer.start(ctx)
+        state = TrainState()
+        trainer.start(ctx, state)
         trainer.begin_phase(ctx, state, 0)
         tasks = trainer.phases(ctx)[0]
         ctx.model.train()
@@ -51,10 +51,10 @@ def measure(method: str, model: str, rounds: int, steps: int, data_root: str | N
         for _ in range(rounds):
             for _ in range(steps):
                 start = time.perf_counter()
-                train_step(ctx, state, trainer.next_step(ctx, state, tasks), None, 10 ** 6)
+                train_step(ctx, state, trainer.next_step(ctx, state, tasks), trainer, 10 ** 6)
                 step_times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            save_checkpoint(state, Path(tmp), keep=2)
+            save_checkpoint(state, ctx.model, ctx.generator, Path(tmp), keep=2)
             save_times.append(time.perf_counter() - start)
         size = checkpoint_files(Path(tmp))[-1].stat().st_size
     return {"step": statistics.median(step_times[1:]), "save": statistics.median(save_times),

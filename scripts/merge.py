@@ -11,7 +11,7 @@ The run must come from `trainer=eoe`, `fedavg` or `orthoada` (its `experts/<task
 `trainers.engine.record.load_run` rebuilds it (its config, the tasks it trained, its initial adapters); each
 expert's update is formed exactly per layer (ΔW_i = s_i B_i A_i) and merged in weight space
 (`minbert.peft.merging`), and each task keeps its own head. Options not given are the run's own
-(its `trainer.merge`, `trainer.weights`, ...) or, for another method, the published defaults
+(its `trainer.finisher.merge`, `trainer.finisher.weights`, ...) or, for another method, the published defaults
 (`minbert.peft.merging.DEFAULTS`: TIES keeps 20 %, DARE 10 %). The scores are printed and written
 to `<run>/merges/<method>.json`.
 """
@@ -26,22 +26,24 @@ from common.errors import MinbertError
 from minbert.peft import check_mergeable
 from minbert.peft.merging import check_merge_options, default_options
 from tasks.data import load_task_data, resolve_root
-from trainers.strategies.experts import (MergedExperts, encoder_state, merge_experts, merged_weights,
+from trainers.strategies.experts import (MergeExperts, encoder_state, merge_experts, merged_weights,
                               read_experts)
 from trainers.engine.build import build, encode_data
-from trainers.engine.evaluate import RunContext, evaluate
+from trainers.engine.context import RunContext
+from trainers.engine.evaluate import evaluate
 from trainers.engine.record import load_run
 
 
 def merge_settings(trainer, n: int, method: str | None, weights: list[float] | None,
                    options: dict) -> tuple[str, list[float], dict]:
     """The merge to run: what was given, else the run's own merge, else linear with 1/n."""
-    own = isinstance(trainer, MergedExperts)
-    method = method or (trainer.merge if own else "linear")
+    finisher = trainer.finisher
+    own = isinstance(finisher, MergeExperts)
+    method = method or (finisher.merge if own else "linear")
     if weights is None:
-        weights = (trainer.weights or [trainer.default_weight(n)] * n) if own else [1.0 / n] * n
-    if own and method == trainer.merge:
-        options = {**trainer.options, **options}
+        weights = finisher.weights_for(n) if own else [1.0 / n] * n
+    if own and method == finisher.merge:
+        options = {**finisher.options, **options}
     options = {**default_options(method, options), **options}
     check_merge_options(method, options)
     return method, weights, options
@@ -62,9 +64,8 @@ def remerge(run_dir: Path, method: str | None, weights: list[float] | None, opti
     raw = load_task_data(saved.tasks, resolve_root(data_root or saved.cfg.data.root), None,
                          saved.cfg.data.limit_eval, saved.cfg.data.get("cache_dir"))
     data = encode_data(saved.cfg, saved.model, {t: {"dev": s["dev"]} for t, s in raw.items()})
-    ctx = RunContext(saved.model, saved.tasks, data, run_dir, None, progress=False,
-                     method=saved.method, weights=merged_weights(saved.model, merged, heads))
-    metrics, _ = evaluate(ctx, "dev")
+    ctx = RunContext.for_scoring(saved.model, saved.tasks, data, run_dir, saved.method)
+    metrics, _ = evaluate(ctx, "dev", weights=merged_weights(saved.model, merged, heads))
     out = run_dir / "merges" / f"{method}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"method": method, "weights": weights, **options, **metrics},
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--method", default=None,
                         help="linear | task_arithmetic | ties | dare | dare_ties "
-                             "(default: the run's own trainer.merge)")
+                             "(default: the run's own trainer.finisher.merge)")
     parser.add_argument("--weights", type=float, nargs="+", help="one per task, in the run's order")
     parser.add_argument("--density", type=float, help="ties, dare: the fraction of entries kept")
     parser.add_argument("--scale", type=float, help="task_arithmetic: the scale of the sum")

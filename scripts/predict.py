@@ -30,7 +30,8 @@ from common.errors import ConfigError, DataError, MinbertError
 from tasks.base import FORMATS, Task
 from tasks.batching import EncodedSplit
 from tasks.data import Split, read_file
-from trainers.engine.evaluate import RunContext, predict_task, write_predictions
+from trainers.engine.context import RunContext
+from trainers.engine.evaluate import predict_task, write_predictions
 from trainers.engine.record import SavedRun, load_run
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tsv": "tsv"}
@@ -102,10 +103,10 @@ def _predict(saved: SavedRun, split: Split, progress: bool = False) -> np.ndarra
     head = saved.model.heads[split.task.name]
     data = EncodedSplit(split, load_tokenizer(saved.cfg.model.tokenizer),
                         saved.cfg.model.max_length, getattr(head, "joint", False))
-    ctx = RunContext(saved.model, saved.tasks, {}, saved.run_dir, None,
-                     eval_batch_size=saved.cfg.data.eval_batch_size, progress=progress,
-                     method=saved.method, weights=saved.weights)
-    return predict_task(ctx, split.task, data)
+    ctx = RunContext.for_scoring(saved.model, saved.tasks, {}, saved.run_dir, saved.method,
+                                 eval_batch_size=saved.cfg.data.eval_batch_size,
+                                 progress=progress)
+    return predict_task(ctx, split.task, data, saved.weights)
 
 
 def predict_text(saved: SavedRun, texts: list[str]) -> list[str]:

@@ -29,19 +29,25 @@ def test_groups_of_the_experiments(compose_cfg):
     assert options("hydra/launcher") == ["local", "parallel", "slurm"]
 
 
+def composition(cfg) -> tuple[str, str, str]:
+    """(schedule, combiner, finisher) of a composed trainer config."""
+    name = lambda node: node._target_.rsplit(".", 1)[1]  # noqa: E731
+    return name(cfg.trainer.schedule), cfg.trainer.combiner, name(cfg.trainer.finisher)
+
+
 def test_table1_is_the_submitted_full_finetuning_model(compose_cfg):
     """Table 1 is one run: full fine-tuning, sequential, the joint encoding the report chose."""
     assert not compose_config(["experiment=table1"], hydra=True).hydra.sweeper.params
     cfg = compose_cfg(["experiment=table1"])
     assert cfg.peft._target_.endswith("FullFinetune") and cfg.heads.design == "joint"
-    assert cfg.trainer._target_.endswith(".SequentialTrainer") and cfg.experiment_name == "table1"
+    assert composition(cfg) == ("Sequential", "sum", "KeepBest") and cfg.experiment_name == "table1"
 
 
 def test_figure2_is_full_finetuning_over_designs_and_orders(compose_cfg):
     assert sweep_params("figure2") == {"heads": ["concat", "separate", "joint"], "order": ORDERS}
     cfg = compose_cfg(["experiment=figure2", "heads=concat", "order=sts-para-sst"])
     assert cfg.peft._target_.endswith("FullFinetune") and cfg.heads.design == "concat"
-    assert cfg.trainer._target_.endswith(".SequentialTrainer") and cfg.experiment_name == "figure2"
+    assert composition(cfg) == ("Sequential", "sum", "KeepBest") and cfg.experiment_name == "figure2"
 
 
 @pytest.mark.parametrize("experiment", ["table2", "table3"])
@@ -68,7 +74,7 @@ def test_table2_rows_are_single_task_peft(compose_cfg, row):
     cfg = compose_cfg(["experiment=table2", f"table2={row}", "trainer.task=sts"])
     peft = cfg.peft
     assert (peft._target_.rsplit(".", 1)[1], peft.rank, peft.targets, peft.bias) == TABLE2_ROWS[row]
-    assert cfg.trainer._target_.endswith("SingleTaskTrainer") and cfg.trainer.task == "sts"
+    assert composition(cfg) == ("Sequential", "sum", "KeepBest") and cfg.trainer.task == "sts"
     assert cfg.trainer.optimizer.lr == peft.lr
 
 
@@ -78,9 +84,10 @@ def test_table3_rows_share_lora_r64_all_linear(compose_cfg, row):
     cfg = compose_cfg(["experiment=table3", f"table3={row}"])
     assert cfg.peft._target_.endswith(".Lora") and (cfg.peft.rank, cfg.peft.targets) == (
         64, "all_linear")
-    expected = {"eoe": "EnsembleOfExperts", "fedavg": "MergedExperts",
-                "orthoada": "OrthogonalAdaptation"}.get(row, "SequentialTrainer")
-    assert cfg.trainer._target_.endswith("." + expected)
+    expected = {"eoe": "Experts", "fedavg": "MergeExperts",
+                "orthoada": "MergeExperts"}.get(row, "KeepBest")
+    assert composition(cfg) == ("Sequential", "sum", expected)
+    assert (cfg.trainer.init is not None) == (row == "orthoada")
     if row.startswith("seq-"):
         assert "-".join(cfg.tasks) == row[4:]
 

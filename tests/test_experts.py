@@ -19,6 +19,7 @@ from minbert.peft.lora import Lora, LoraLinear
 from tasks.registry import get_tasks
 from trainers.strategies.experts import encoder_state, merge_experts
 from trainers.engine.build import build_model
+from trainers.engine.loop import fit
 from trainers.engine.run import run, setup
 
 LAYER = "layers.0.attn.query"
@@ -48,7 +49,7 @@ def test_eoe_scores_each_task_with_its_own_best_expert(compose_cfg, synthetic_ro
 
 def test_fedavg_merge_is_exact_in_weight_space(compose_cfg, synthetic_root, tmp_path):
     run_trainer(compose_cfg, synthetic_root, tmp_path, "trainer=fedavg", "peft=lora",
-                "trainer.weights=[0.5,0.3,0.2]")
+                "trainer.finisher.weights=[0.5,0.3,0.2]")
     s = 16 / 8  # conf/peft/lora.yaml: alpha / rank
     want = sum(w * expert_delta(tmp_path, t, s)
                for w, t in zip([0.5, 0.3, 0.2], ["sst", "para", "sts"]))
@@ -97,7 +98,7 @@ def test_merge_script_re_merges_saved_experts(compose_cfg, synthetic_root, tmp_p
 @pytest.mark.parametrize("overrides", [
     ["trainer=eoe", "peft=vera"],
     ["trainer=fedavg", "peft=none"],
-    ["trainer=fedavg", "peft=dora", "trainer.merge=dare", "trainer.density=0.5"],
+    ["trainer=fedavg", "peft=dora", "trainer.finisher.merge=dare", "trainer.finisher.density=0.5"],
     ["trainer=single", "trainer.task=sts", "peft=lora"],
 ])
 def test_every_expert_trainer_runs(compose_cfg, synthetic_root, tmp_path, overrides):
@@ -108,9 +109,9 @@ def test_every_expert_trainer_runs(compose_cfg, synthetic_root, tmp_path, overri
 
 
 def test_expert_trainer_config_errors(compose_cfg, synthetic_root, tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer.merge=linear: merge 'linear' takes no option "
+    with pytest.raises(ConfigError, match=r"trainer.finisher.merge=linear: merge 'linear' takes no option "
                                           r"\['density'\]"):
-        run(compose_cfg(smoke_overrides(synthetic_root, "trainer=fedavg", "trainer.density=0.3")),
+        run(compose_cfg(smoke_overrides(synthetic_root, "trainer=fedavg", "trainer.finisher.density=0.3")),
             tmp_path)
     with pytest.raises(ConfigError, match="orthoada needs LoRA adapters"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=orthoada", "peft=dora")),
@@ -121,9 +122,9 @@ def test_expert_trainer_config_errors(compose_cfg, synthetic_root, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["trainer.sampler=temperature"],
-    ["trainer.sampler=annealed"],
-    ["trainer.sampler=round_robin", "trainer.pcgrad=true", "peft=lora"],
+    ["trainer.schedule.sampler=temperature"],
+    ["trainer.schedule.sampler=annealed"],
+    ["trainer.schedule.sampler=round_robin", "trainer.combiner=pcgrad", "peft=lora"],
 ])
 def test_interleaved_trainer_runs(compose_cfg, synthetic_root, tmp_path, overrides):
     metrics = run_trainer(compose_cfg, synthetic_root, tmp_path, "trainer=interleaved",
@@ -136,9 +137,9 @@ def test_interleaved_trainer_runs(compose_cfg, synthetic_root, tmp_path, overrid
 
 
 def test_interleaved_sampler_errors(compose_cfg, synthetic_root, tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer.sampler='uniform'; use one of"):
+    with pytest.raises(ConfigError, match=r"trainer.schedule.sampler='uniform'; use one of"):
         run(compose_cfg(smoke_overrides(synthetic_root, "trainer=interleaved",
-                                        "trainer.sampler=uniform")), tmp_path)
+                                        "trainer.schedule.sampler=uniform")), tmp_path)
 
 
 def test_expert_counts_match_the_reports_three_lora_experts(compose_cfg):
@@ -175,7 +176,7 @@ def fitted(compose_cfg, root, tmp_path, *overrides):
     """(the run context, the FitResult, the model's state before training) of a smoke run."""
     trainer, _, ctx = setup(compose_cfg(smoke_overrides(root, *overrides)), tmp_path)
     before = snapshot(ctx.model)
-    return ctx, trainer.fit(ctx), before
+    return ctx, fit(trainer, ctx), before
 
 
 def test_eoe_experts_are_loaded_only_inside_their_context(compose_cfg, synthetic_root, tmp_path):
@@ -247,6 +248,6 @@ def test_a_merge_handles_every_trained_tensor(compose_cfg):
 def test_ties_and_dare_take_the_published_density(compose_cfg, synthetic_root, tmp_path,
                                                   merge_name, density):
     run_trainer(compose_cfg, synthetic_root, tmp_path, "trainer=fedavg", "peft=lora",
-                f"trainer.merge={merge_name}")
+                f"trainer.finisher.merge={merge_name}")
     meta = read_metadata(tmp_path / "merged.safetensors")
     assert meta["merge"] == merge_name and json.loads(meta["density"]) == density

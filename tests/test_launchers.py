@@ -128,10 +128,11 @@ def test_make_tables_prints_table3_from_a_smoke_sweep(tmp_path, shared_synthetic
     assert "**Table 3: multi-task strategies (dev)**" in lines
     by_label = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
     for run in finished_runs(sweep):
-        trainer = run["cfg"]["trainer"]["_target_"].rsplit(".", 1)[1]
-        label = {"EnsembleOfExperts": "Ensemble of Experts", "MergedExperts": "FedAvg",
-                 "OrthogonalAdaptation": "OrthoAda"}.get(
-            trainer, "Sequential (" + " → ".join(run["cfg"]["tasks"]) + ")")
+        trainer = run["cfg"]["trainer"]
+        finisher = trainer["finisher"]["_target_"].rsplit(".", 1)[1]
+        label = ("OrthoAda" if trainer["init"] else
+                 {"Experts": "Ensemble of Experts", "MergeExperts": "FedAvg"}.get(
+                     finisher, "Sequential (" + " → ".join(run["cfg"]["tasks"]) + ")"))
         cells = [c.strip() for c in by_label[label].split("|")[2:-1]]
         assert cells[-1] == f"{run['metrics']['dev/overall']:.3f}"
         assert cells[0] == f"{run['metrics']['params/updated_pct']:.2f} %"

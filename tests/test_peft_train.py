@@ -18,7 +18,8 @@ from common.errors import ConfigError
 from minbert.peft import adapter_state_dict, param_counts
 from minbert.peft.io import load_adapter, read_metadata
 from tasks.registry import get_tasks
-from trainers.engine.evaluate import RunContext, predict
+from trainers.engine.context import RunContext
+from trainers.engine.evaluate import predict
 from tasks.data import load_task_data
 from trainers.engine.build import build, build_method, build_model, encode_data
 
@@ -58,7 +59,7 @@ def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, 
     load_adapter(fresh, tmp_path / "adapter.safetensors")  # one base model, many adapters
     raw = load_task_data(tasks, synthetic_root, None, None)
     data = encode_data(cfg, fresh, raw)
-    ctx = RunContext(fresh, tasks, data, tmp_path, None, progress=False)
+    ctx = RunContext.for_scoring(fresh, tasks, data, tmp_path)
     for task in tasks:
         want = read_predictions(tmp_path / "predictions" / f"{task.name}-dev-output.csv")
         got = predict(ctx, task, data["dev"][task.name])

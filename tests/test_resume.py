@@ -291,7 +291,8 @@ def test_the_round_trip_check_can_fail(tmp_path):
 
 STRATEGIES = {"sequential": [], "single": ["trainer=single", "trainer.task=sts"],
               "interleaved": ["trainer=interleaved"], "pcgrad": ["trainer=interleaved",
-                                                                 "trainer.pcgrad=true"],
+                                                                 "trainer.combiner=pcgrad"],
+              "gradvac": ["trainer=interleaved", "trainer.combiner=gradvac"],
               "eoe": ["trainer=eoe"], "fedavg": ["trainer=fedavg"], "orthoada": ["trainer=orthoada"]}
 METHODS = {"full": ["peft=none"], "lora": ["peft=lora"],
            "galore": ["peft=galore", "peft.update_proj_gap=3"],

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from trainers.strategies.pcgrad import pcgrad, project_conflicting, task_gradients
+from trainers.engine.loop import task_gradients
+from trainers.strategies.pcgrad import pcgrad, project_conflicting
 from trainers.strategies.samplers import SAMPLERS, make_sampler
 
 # Square numbers keep the expected probabilities easy to check by hand.

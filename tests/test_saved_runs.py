@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from conftest import REPO, trained_run
 from tasks.data import load_task_data
 from trainers.engine.build import encode_data
-from trainers.engine.evaluate import RunContext, evaluate
+from trainers.engine.context import RunContext
+from trainers.engine.evaluate import evaluate
 from trainers.engine.record import load_run
 
 SCORES = ("sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall")
@@ -27,16 +28,15 @@ def script(name: str, *args) -> subprocess.CompletedProcess:
 def dev_scores(saved, root) -> dict[str, float]:
     raw = load_task_data(saved.tasks, root, None, None)
     data = encode_data(saved.cfg, saved.model, raw)
-    ctx = RunContext(saved.model, saved.tasks, data, saved.run_dir, None, progress=False,
-                     method=saved.method, weights=saved.weights)
-    return evaluate(ctx, "dev")[0]
+    ctx = RunContext.for_scoring(saved.model, saved.tasks, data, saved.run_dir, saved.method)
+    return evaluate(ctx, "dev", weights=saved.weights)[0]
 
 
 @pytest.mark.parametrize("overrides", [
     ["peft=lora", "trainer=single", "trainer.task=sts"],
     ["peft=lora", "order=sts-para-sst"],
     ["peft=lora", "trainer=eoe"],
-    ["peft=dora", "trainer=fedavg", "trainer.merge=ties"],
+    ["peft=dora", "trainer=fedavg", "trainer.finisher.merge=ties"],
     ["peft=none", "trainer=fedavg"],
     ["peft=lora", "trainer=orthoada"],
 ], ids=["single", "sequential", "eoe", "fedavg-ties", "fedavg-full", "orthoada"])

@@ -90,11 +90,22 @@ def declared_table(run: Run) -> str | None:
     return name if name in REPORT_TABLES else None
 
 
+def single_task(run: Run) -> bool:
+    """Whether the run's strategy trained one task alone (`trainer=single trainer.task=sts`)."""
+    return bool(run.get("trainer.task"))
+
+
+def plain_sequential(run: Run) -> bool:
+    """Whether the run trained one model over its tasks in turn (`trainer=sequential`)."""
+    return (run.target("trainer.schedule") == "Sequential" and not single_task(run)
+            and run.target("trainer.finisher") == "KeepBest")
+
+
 def on_report_tasks(run: Run) -> bool:
     """Whether a run trained the report's tasks: all three (in any order), or one of them alone
     (trainer=single)."""
     tasks = run.tasks
-    if run.target("trainer") == "SingleTaskTrainer":
+    if single_task(run):
         return len(tasks) == 1 and tasks[0] in REPORT_TASKS
     return sorted(tasks) == sorted(REPORT_TASKS)
 
@@ -108,10 +119,9 @@ def table_of(run: Run) -> str:
     declared = declared_table(run)
     if declared is not None:
         return declared
-    trainer, peft = run.target("trainer"), run.target("peft")
-    if trainer == "SingleTaskTrainer":
+    if single_task(run):
         return "table2"
-    if peft == "FullFinetune" and trainer == "SequentialTrainer":
+    if run.target("peft") == "FullFinetune" and plain_sequential(run):
         return "table1"
     return "table3"
 

@@ -205,17 +205,24 @@ TABLE2 = Layout(
 
 
 def strategy_of(run: Run) -> RowKey:
-    """Table 3's row of a multi-task run, (strategy, detail): ("sequential", "sst-para-sts")."""
-    trainer = run.target("trainer")
-    if trainer == "SequentialTrainer":
+    """Table 3's row of a multi-task run, (strategy, detail): ("sequential", "sst-para-sts"), read
+    from the parts its trainer was composed of (`trainers.strategies.strategy`)."""
+    if run.target("trainer.init") == "OrthogonalBlocks":
+        return ("orthoada", "")
+    finisher, schedule = run.target("trainer.finisher"), run.target("trainer.schedule")
+    if finisher == "MergeExperts":
+        return ("merged", str(run.get("trainer.finisher.merge", "linear")))
+    if finisher == "Experts":
+        return ("eoe", "")
+    if schedule == "Sampled":
+        combiner = run.get("trainer.combiner", "sum")
+        combiner = combiner.get("name", "sum") if isinstance(combiner, dict) else str(combiner)
+        extra = {"sum": "", "pcgrad": " + PCGrad", "gradvac": " + GradVac"}.get(
+            combiner, f" + {combiner}")
+        return ("interleaved", f"{run.get('trainer.schedule.sampler', '?')}{extra}")
+    if schedule == "Sequential":
         return ("sequential", order_name(run))
-    if trainer == "MergedExperts":
-        return ("merged", str(run.get("trainer.merge", "linear")))
-    if trainer == "InterleavedTrainer":
-        pcgrad = " + PCGrad" if run.get("trainer.pcgrad") is True else ""
-        return ("interleaved", f"{run.get('trainer.sampler', '?')}{pcgrad}")
-    fixed = {"EnsembleOfExperts": "eoe", "OrthogonalAdaptation": "orthoada"}
-    return (fixed[trainer], "") if trainer in fixed else (trainer or "?", "")
+    return (run.target("trainer") or "?", "")
 
 
 def strategy_label(key: RowKey) -> str:

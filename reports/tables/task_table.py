@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
-from .collect import Run
+from .collect import Run, plain_sequential, single_task
 from .layouts import (DESIGNS, OVERALL, PARAMS, Column, Layout, RowKey, describe_peft, design_of,
                       model_of, plural, strategy_label, strategy_of)
 
@@ -25,10 +25,9 @@ from .layouts import (DESIGNS, OVERALL, PARAMS, Column, Layout, RowKey, describe
 def strategy(run: Run) -> RowKey:
     """(strategy, detail) as Table 3's rows, with the single-task trainer's, and no order for
     sequential training: the task list, in its order, is a column of its own."""
-    trainer = run.target("trainer")
-    if trainer == "SingleTaskTrainer":
+    if single_task(run):
         return ("single", "")
-    if trainer == "SequentialTrainer":
+    if plain_sequential(run):
         return ("sequential", "")
     return strategy_of(run)
 

@@ -51,7 +51,7 @@ def resolve_device(name: str) -> torch.device:
 def run_tasks(cfg: DictConfig, trainer) -> list[Task]:
     """The tasks a run trains, in order, each read from its `task/<name>.yaml`: the trainer's own
     (`trainer=single trainer.task=sts`), else `tasks` (which `order=` presets set)."""
-    names = getattr(trainer, "tasks", None) or cfg.get("tasks")
+    names = trainer.tasks or cfg.get("tasks")
     if not names:
         raise ConfigError("tasks: no tasks to train; set tasks=[sst,para,sts] or order=...")
     return get_tasks(list(names))

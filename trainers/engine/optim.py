@@ -13,10 +13,12 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers import get_scheduler
 
 from common.errors import ConfigError
 from minbert.optim import AdamW8bit, GaLoreAdamW
-from trainers.engine.loop import param_groups
+from minbert.peft import trainable_params
+from minbert.peft.contract import capabilities, training_hooks
 
 STATE_BITS = (32, 8)
 CARRIED = ("lr", "weight_decay", "betas", "eps")  # what AdamW8bit and GaLoreAdamW take of AdamW's
@@ -43,6 +45,17 @@ def adamw_kwargs(partial, reason: str) -> dict:
     return {k: v for k, v in kwargs.items() if k in CARRIED}
 
 
+def param_groups(model: torch.nn.Module, head_lr: float | None = None) -> list[dict]:
+    """The optimizer's groups: encoder parameters at the optimizer's lr, and the freshly
+    initialised task heads at `head_lr` (None: the same lr, the report's single-lr recipe)."""
+    encoder = [p for _, p in trainable_params(model.encoder)]
+    heads = [p for _, p in trainable_params(model.heads)]
+    groups = [g for g in ({"params": encoder}, {"params": heads}) if g["params"]]
+    if head_lr is not None and heads:
+        groups[-1]["lr"] = head_lr
+    return groups
+
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -58,8 +71,6 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
     """The learning-rate schedule over `total_steps` optimizer steps (transformers'
     `get_scheduler`): `constant` (with `warmup_ratio` of the steps of linear warm-up, if any),
     `linear` or `cosine` decay to zero after the warm-up."""
-    from transformers import get_scheduler
-
     check_scheduler(name, warmup_ratio)
     warmup = round(warmup_ratio * total_steps)
     kind = "constant_with_warmup" if name == "constant" and warmup else name
@@ -67,18 +78,19 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
 
 
 def build_optimizer(partial, model: torch.nn.Module, head_lr: float | None = None, method=None,
-                    state_bits: int = 32) -> torch.optim.Optimizer:
+                    state_bits: int = 32, hooks=None) -> torch.optim.Optimizer:
     """The optimizer over `model`'s trainable parameters: encoder and heads (at `head_lr`) groups,
-    which a projecting method splits and tags."""
+    which the method's hooks may split and tag (`param_groups`); a method that declares
+    `own_optimizer` (GaLore's projection) trains with GaLoreAdamW. `hooks`: the method's, as the
+    run adapted them (None: adapted here)."""
     if state_bits not in STATE_BITS:
         raise ConfigError(f"optim.state_bits={state_bits!r}; use one of {list(STATE_BITS)}")
-    groups = param_groups(model, head_lr)
-    if hasattr(method, "param_groups"):
-        groups = method.param_groups(model, groups)
+    hooks = training_hooks(method) if hooks is None else hooks
+    groups = hooks.param_groups(model, param_groups(model, head_lr))
     bits = f"optim.state_bits={state_bits}" if state_bits != 32 else ""
-    if any("rank" in g for g in groups):
-        name = getattr(method, "name", type(method).__name__)
-        reason = f"peft={name} (GaLoreAdamW projects its gradients)" + (f" with {bits}" if bits else "")
+    if method is not None and capabilities(method).own_optimizer:
+        reason = (f"peft={method.name} (GaLoreAdamW projects its gradients)"
+                  + (f" with {bits}" if bits else ""))
         return GaLoreAdamW(groups, state_bits=state_bits, **adamw_kwargs(partial, reason))
     if state_bits == 8:
         return AdamW8bit(groups, **adamw_kwargs(partial, f"{bits} (8-bit AdamW states)"))

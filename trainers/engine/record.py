@@ -25,7 +25,7 @@ from tasks.base import Task
 from tasks.model import MultitaskModel
 from trainers.engine.build import build, build_method, build_model, resolve_device, run_tasks, \
     seed_everything
-from trainers.engine.evaluate import TaskWeights
+from trainers.engine.context import TaskWeights
 
 RUN_FILE = "run.json"
 # Keys a resumed run may change: where the data (and its cache) lives, display, checkpoint cadence,

@@ -23,13 +23,16 @@ from tasks.data import load_task_data
 from tasks.download import data_root
 from trainers.engine.build import (build, build_method, build_model, encode_data, resolve_device,
                             run_tasks, seed_everything)
-from trainers.engine.evaluate import RunContext, evaluate, predict_task, write_predictions
-from trainers.engine.loop import StopSignals, train, write_history
+from minbert.peft.contract import training_hooks
+from trainers.engine.context import RunContext, Settings, TaskWeights
+from trainers.engine.evaluate import evaluate, predict_task, write_predictions
+from trainers.engine.loop import FitResult, StopSignals, train
+from trainers.engine.scoring import write_history
 from trainers.engine.memory import PeakMemory, memory_metrics
 from trainers.engine.plots import plot_training
 from trainers.engine.precision import resolve_precision, run_precision
 from trainers.engine.record import check_same_run, read_record, write_record
-from trainers.engine.state import CHECKPOINTS, TrainState, load_checkpoint
+from trainers.engine.state import CHECKPOINTS, TrainState, load_checkpoint, restore_checkpoint
 from trainers.engine.sweeps import ERROR_FILE
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None,
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
     tasks = run_tasks(cfg, trainer) if tasks is None else tasks
     method = build_method(cfg)
-    if getattr(trainer, "merges", None):
+    if trainer.merges:
         check_mergeable(method, trainer.merges)  # before any data is read or a step is taken
     raw = load_task_data(tasks, data_root(cfg, tasks), cfg.data.limit_train, cfg.data.limit_eval,
                          cfg.data.get("cache_dir"))
@@ -56,11 +59,12 @@ def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None,
         precision, _ = resolve_precision(cfg.get("precision", "fp32"), device)
     model = build_model(cfg, tasks, method).to(device)
     checkpoint = cfg.get("checkpoint") or {}
-    ctx = RunContext(model, tasks, encode_data(cfg, model, raw), run_dir, logger,
-                     cfg.data.batch_size, cfg.data.eval_batch_size, device, cfg.progress,
-                     generator, method, cfg.optim.state_bits,
-                     checkpoint_every=int(checkpoint.get("every_n_steps", 0) or 0),
-                     checkpoint_keep=int(checkpoint.get("keep", 2)), precision=precision)
+    settings = Settings(run_dir, cfg.data.batch_size, cfg.data.eval_batch_size, device,
+                        cfg.progress, cfg.optim.state_bits,
+                        checkpoint_every=int(checkpoint.get("every_n_steps", 0) or 0),
+                        checkpoint_keep=int(checkpoint.get("keep", 2)), precision=precision)
+    ctx = RunContext(model, tasks, encode_data(cfg, model, raw), settings, logger, generator,
+                     method, training_hooks(method))
     return trainer, logger, ctx
 
 
@@ -83,7 +87,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
                                   record)
         log.info("%s", precision[1])
         trainer, logger, ctx = setup(cfg, run_dir, precision[0], tasks)
-        state = TrainState(ctx.model, ctx.generator, ctx.method)
+        state = TrainState()
         resumed = restore(trainer, ctx, state)
         wandb_id = logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir,
                                 (record or {}).get("wandb_id") if resumed else None)
@@ -95,14 +99,14 @@ def restore(trainer, ctx: RunContext, state: TrainState) -> bool:
     """Begins the run's phase: the first, or (from the newest readable checkpoint) the one the
     run was in, with every tensor, counter and generator as the checkpoint has them. Returns
     whether a checkpoint was loaded."""
-    trainer.start(ctx)
+    trainer.start(ctx, state)
     sd = load_checkpoint(ctx.run_dir)
     if sd is not None:
-        state.load_counters(sd)
+        state.load_counters(sd["state"])
     trainer.begin_phase(ctx, state, min(state.phase, len(trainer.phases(ctx)) - 1))
     if sd is None:
         return False
-    state.load_state_dict(sd)
+    restore_checkpoint(sd, state, ctx.model, ctx.generator)
     write_history(ctx.run_dir, state.history)  # back to what the checkpoint knew
     return True
 
@@ -114,12 +118,11 @@ def train_and_finish(trainer, logger, ctx: RunContext, state: TrainState) -> flo
     ok = False
     try:
         logger.log(counts, step=state.step)
-        with PeakMemory(ctx.device) as peak, StopSignals() as stop:
+        with PeakMemory(ctx.settings.device) as peak, StopSignals() as stop:
             result = train(trainer, ctx, state, stop)
-        ctx.weights = result.weights
         counts = result.param_counts or counts  # experts: every expert's tensors count
         memory = memory_metrics(ctx.model, state.optimizer, peak.bytes)
-        metrics = finish(ctx, {**counts, **memory}, state.losses)
+        metrics = finish(ctx, result, {**counts, **memory}, state.losses)
         logger.summary(metrics)
         ok = True
     finally:
@@ -128,35 +131,36 @@ def train_and_finish(trainer, logger, ctx: RunContext, state: TrainState) -> flo
     return metrics["dev/overall"]
 
 
-def method_reports(ctx: RunContext) -> dict[str, float]:
-    """What the PEFT method adds to metrics.json: dev scores of its variants (`variants()`: say
-    DyLoRA's every rank, keys `<variant>/<metric>`) and its own numbers (`report(model, run_dir)`:
-    say AdaLoRA's final ranks), each with its figures."""
-    method, out = ctx.method, {}
-    for label, context in (getattr(method, "variants", dict)() or {}).items():
+def method_reports(ctx: RunContext, weights: TaskWeights) -> dict[str, float]:
+    """What the PEFT method adds to metrics.json through its hooks: dev scores of its variants
+    (`variants()`: say DyLoRA's every rank, keys `<variant>/<metric>`) and its own numbers
+    (`report(model, run_dir)`: say AdaLoRA's final ranks), each with its figures."""
+    hooks, out = ctx.hooks, {}
+    for label, context in hooks.variants().items():
         with context:
-            scores, _ = evaluate(ctx, "dev")
+            scores, _ = evaluate(ctx, "dev", weights=weights)
         out.update({f"{label}/{k}": v for k, v in scores.items()})
-    if out and hasattr(method, "report_variants"):
-        method.report_variants(out, ctx.run_dir)
-    if hasattr(method, "report"):
-        out.update(method.report(ctx.model, ctx.run_dir))
+    if out:
+        hooks.report_variants(out, ctx.run_dir)
+    out.update(hooks.report(ctx.model, ctx.run_dir))
     return out
 
 
-def finish(ctx: RunContext, counts: dict, losses: list) -> dict:
-    """Scores the best state on dev, writes predictions for dev and test, and `metrics.json`
-    (dev scores, then `counts`: parameter and memory accounting), last."""
-    metrics, dev_preds = evaluate(ctx, "dev")
+def finish(ctx: RunContext, result: FitResult, counts: dict, losses: list) -> dict:
+    """Scores the best state (each task with `result.weights`) on dev, writes predictions for dev
+    and test, and `metrics.json` (dev scores, then `counts`: parameter and memory accounting),
+    last."""
+    weights = result.weights
+    metrics, dev_preds = evaluate(ctx, "dev", weights=weights)
     for task in ctx.tasks:
         write_predictions(ctx.run_dir, task, "dev", ctx.data["dev"][task.name].split.ids,
                           dev_preds[task.name])
         test = ctx.data.get("test", {}).get(task.name)
         if test is not None:
             write_predictions(ctx.run_dir, task, "test", test.split.ids,
-                              predict_task(ctx, task, test))
+                              predict_task(ctx, task, test, weights))
     metrics.update(counts)
-    metrics.update(method_reports(ctx))
+    metrics.update(method_reports(ctx, weights))
     fault_point("before-metrics")
     write_json(ctx.run_dir / METRICS_FILE, metrics)
     plot_training(ctx.run_dir, losses)  # after metrics.json: a plotting failure loses nothing

@@ -18,17 +18,18 @@ from pathlib import Path
 
 from common.durable import atomic_write, fault_point
 from tasks.base import Task
-from trainers.engine.evaluate import RunContext, evaluate
+from trainers.engine.context import RunContext
+from trainers.engine.evaluate import evaluate
 from trainers.engine.state import TrainState
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
 
 
-def evaluates_now(strategy, state: TrainState, per_epoch: int) -> bool:
+def evaluates_now(options, state: TrainState, per_epoch: int) -> bool:
     """Whether the step just taken ends an `eval_every_n_steps` interval inside the epoch (the
-    epoch's last step is scored by its end anyway)."""
-    every = strategy.eval_every_n_steps
+    epoch's last step is scored by its end anyway); `options`: the strategy's TrainOptions."""
+    every = options.eval_every_n_steps
     return bool(every) and state.phase_step % every == 0 and state.epoch_step < per_epoch
 
 
@@ -57,15 +58,15 @@ def score_dev(ctx: RunContext, state: TrainState, strategy, tasks: list[Task], l
                    step=state.step)
     name = f"expert {label['expert']}, epoch" if label else "epoch"
     at = f", step {state.epoch_step}" if mid_epoch else ""
-    log.info("%s %d/%d%s: %s%s", name, state.epoch, strategy.epochs, at,
+    log.info("%s %d/%d%s: %s%s", name, state.epoch, strategy.options.epochs, at,
              ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
              " (best so far)" if improved else "")
 
 
-def out_of_patience(ctx: RunContext, state: TrainState, strategy, label: dict) -> bool:
+def out_of_patience(ctx: RunContext, state: TrainState, options, label: dict) -> bool:
     """True (once the stop is logged and in the history) when the phase has gone
-    `trainer.patience` evaluations without improving dev/overall."""
-    patience = strategy.patience
+    `trainer.patience` evaluations without improving dev/overall (`options`: TrainOptions)."""
+    patience = options.patience
     if not patience or state.evals_since_best < patience:
         return False
     state.history.append({**label, "event": "early_stop", "epoch": state.epoch,

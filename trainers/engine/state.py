@@ -3,11 +3,12 @@
 A run is phases (one for the one-model strategies, one per expert), each of `epochs` epochs of
 steps; the state says where it is (phase, epoch, slot within the epoch, global and phase step),
 where each task's data stream is (the permutation drawn for the current pass and a cursor into it,
-never a generator to replay), every random number generator (the run's `torch.Generator`, torch's
-CPU and CUDA generators, Python's, NumPy's), the optimizer and LR scheduler, the PEFT method's own
-state, the best score so far, the history and the running losses for the plots, and the model's
-trained tensors. `state_dict()` / `load_state_dict()` hold all of it in plain tensors and values,
-so a checkpoint loads with `torch.load(weights_only=True)`.
+never a generator to replay), the best score so far, the history and the running losses for the
+plots, and a registry of the stateful objects the run trains with, saved and restored by name
+(optimizer, LR scheduler, fp16 scaler, the PEFT method's hooks, the gradient combiner). A
+checkpoint adds every random number generator (the run's `torch.Generator`, torch's CPU and CUDA
+generators, Python's, NumPy's) and the model's trained tensors. All of it is plain tensors and
+values, so a checkpoint loads with `torch.load(weights_only=True)`.
 
 Checkpoints are `checkpoints/checkpoint-<n>.pt`, written atomically (`common.durable`), the
 newest `keep` kept; `load_checkpoint` falls back to an older one when the newest is unreadable.
@@ -19,12 +20,14 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from minbert.peft import adapter_state_dict
 from common.durable import atomic_write
+from common.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -68,17 +71,21 @@ def set_rng_state(generator: torch.Generator, state: dict) -> None:
     np.random.set_state((kind, state["numpy"]["keys"].numpy().astype(np.uint32), *rest))
 
 
+class Stateful(Protocol):
+    """What the state's registry holds: an object checkpoints save and restore by name."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class TrainState:
-    """Where a run is and what it holds; the live model, generator, optimizer and method are
-    referenced, and read or written by `state_dict` / `load_state_dict`."""
+    """Where a run is (counters, the task streams' cursors, the history and running losses) and a
+    registry of the stateful objects it trains with, by name (`optimizer`, `scheduler`, `scaler`,
+    `hooks`, `combiner`, ...), which checkpoints save and restore by those names. The model's
+    tensors and the generators belong to the run's context; `checkpoint_state` adds them."""
 
-    model: torch.nn.Module
-    generator: torch.Generator
-    method: object = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: object = None
-    scaler: object = None  # fp16's torch.amp.GradScaler
     phase: int = 0
     epoch: int = 1
     slot: int = 0  # within the epoch: the task a sequential schedule is at
@@ -91,26 +98,38 @@ class TrainState:
     best_step: int | None = None  # the run's step at the best evaluation
     evals_since_best: int = 0  # dev evaluations in a row without a better dev/overall (patience)
     done: bool = False  # every phase trained
-    extra: dict = field(default_factory=dict)  # a strategy's own plain values (expert counts)
     cursors: dict[str, Cursor] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     losses: list[tuple[int, str, float]] = field(default_factory=list)  # for the plots
     epoch_losses: dict[str, list[float]] = field(default_factory=dict)  # task -> [sum, count]
+    objects: dict[str, Stateful] = field(default_factory=dict)
+
+    def register(self, name: str, obj: Stateful | None) -> None:
+        """Keeps `obj` under `name` (None: drops the name), replacing what was there."""
+        if obj is None:
+            self.objects.pop(name, None)
+        else:
+            self.objects[name] = obj
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.objects["optimizer"]
+
+    @property
+    def scheduler(self):
+        return self.objects.get("scheduler")
+
+    @property
+    def scaler(self):
+        return self.objects.get("scaler")  # fp16's torch.amp.GradScaler
 
     def state_dict(self) -> dict:
-        method = getattr(self.method, "state_dict", None)
         return {
             "counters": {k: getattr(self, k) for k in COUNTERS},
             "cursors": {t: {"order": c.order, "pos": c.pos} for t, c in self.cursors.items()},
             "history": self.history, "losses": [list(x) for x in self.losses],
-            "epoch_losses": self.epoch_losses, "extra": self.extra,
-            "model": {n: t.detach().clone() for n, t in adapter_state_dict(self.model).items()},
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "method": method() if callable(method) else None,
-            "rng": rng_state(self.generator),
-            "meta": {"torch": str(torch.__version__), "threads": torch.get_num_threads()},
+            "epoch_losses": self.epoch_losses,
+            "objects": {name: obj.state_dict() for name, obj in sorted(self.objects.items())},
         }
 
     def load_counters(self, sd: dict) -> None:
@@ -123,22 +142,35 @@ class TrainState:
         self.load_counters(sd)
         self.cursors = {t: Cursor(c["order"], c["pos"]) for t, c in sd["cursors"].items()}
         self.history, self.epoch_losses = list(sd["history"]), dict(sd["epoch_losses"])
-        self.extra = dict(sd["extra"])
         self.losses = [tuple(x) for x in sd["losses"]]
-        tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        with torch.no_grad():
-            for name, t in sd["model"].items():
-                tensors[name].copy_(t)
-        if sd["optimizer"] is not None and self.optimizer is not None:
-            self.optimizer.load_state_dict(sd["optimizer"])
-        if sd["scheduler"] is not None and self.scheduler is not None:
-            self.scheduler.load_state_dict(sd["scheduler"])
-        if sd.get("scaler") is not None and self.scaler is not None:
-            self.scaler.load_state_dict(sd["scaler"])
-        if sd["method"] is not None:
-            self.method.load_state_dict(sd["method"])
-        set_rng_state(self.generator, sd["rng"])
-        _check_meta(sd["meta"])
+        saved, live = set(sd["objects"]), set(self.objects)
+        if saved != live:
+            raise CheckpointError(f"the checkpoint holds the state of {sorted(saved)}, this run "
+                                  f"has {sorted(live)}: it was written by another strategy or "
+                                  "version; start the run afresh in a new folder")
+        for name, obj in self.objects.items():
+            obj.load_state_dict(sd["objects"][name])
+
+
+def checkpoint_state(state: TrainState, model: torch.nn.Module,
+                     generator: torch.Generator) -> dict:
+    """What a checkpoint holds: the state, the model's trained tensors and every generator."""
+    return {"state": state.state_dict(),
+            "model": {n: t.detach().clone() for n, t in adapter_state_dict(model).items()},
+            "rng": rng_state(generator),
+            "meta": {"torch": str(torch.__version__), "threads": torch.get_num_threads()}}
+
+
+def restore_checkpoint(sd: dict, state: TrainState, model: torch.nn.Module,
+                       generator: torch.Generator) -> None:
+    """Puts a checkpoint back: the state and its objects, the model's tensors, the generators."""
+    state.load_state_dict(sd["state"])
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, t in sd["model"].items():
+            tensors[name].copy_(t)
+    set_rng_state(generator, sd["rng"])
+    _check_meta(sd["meta"])
 
 
 def _check_meta(meta: dict) -> None:
@@ -156,11 +188,13 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
-def save_checkpoint(state: TrainState, run_dir: Path, keep: int = 2) -> Path:
-    """Writes the state as the newest checkpoint, atomically, then deletes all but `keep`."""
+def save_checkpoint(state: TrainState, model: torch.nn.Module, generator: torch.Generator,
+                    run_dir: Path, keep: int = 2) -> Path:
+    """Writes the state, the model's trained tensors and the generators as the newest checkpoint,
+    atomically, then deletes all but `keep`."""
     state.saves += 1
     path = Path(run_dir) / CHECKPOINTS / f"checkpoint-{state.saves:06d}.pt"
-    sd = state.state_dict()
+    sd = checkpoint_state(state, model, generator)
     atomic_write(path, lambda f: torch.save(sd, f), fault="checkpoint-write")
     for old in checkpoint_files(run_dir)[:-max(1, keep)]:
         old.unlink(missing_ok=True)
@@ -177,7 +211,11 @@ def load_checkpoint(run_dir: Path) -> dict | None:
             log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path,
                         type(e).__name__, e)
             continue
-        log.info("resuming from %s (phase %d, epoch %d, step %d)", path,
-                 sd["counters"]["phase"], sd["counters"]["epoch"], sd["counters"]["step"])
+        if "state" not in sd:
+            raise CheckpointError(f"{path} was written by an older version of the trainer; "
+                                  "start the run afresh in a new folder")
+        counters = sd["state"]["counters"]
+        log.info("resuming from %s (phase %d, epoch %d, step %d)", path, counters["phase"],
+                 counters["epoch"], counters["step"])
         return sd
     return None

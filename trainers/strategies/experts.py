@@ -4,7 +4,7 @@
   each trained alone from the same initial state; at inference each task uses its own expert.
 - `trainer=fedavg`: the same experts, merged into one model in weight space,
   θ0 + Σ_i λ_i Δθ_i (McMahan et al., 2017, with one round), where each adapter layer's update is
-  formed exactly, ΔW_i = s_i B_i A_i, before combining (`minbert.peft.merging`); `trainer.merge`
+  formed exactly, ΔW_i = s_i B_i A_i, before combining (`minbert.peft.merging`); `trainer.finisher.merge`
   also picks task arithmetic, TIES or DARE. Every other tensor an expert changes (biases under
   `bias=all`, full fine-tuning's weights, adapter tensors outside ΔW) merges as a task vector by
   the same method. Each task keeps its own head.
@@ -12,8 +12,10 @@
   orthogonal basis by QR; task i gets the disjoint column block i as its frozen B_i and trains only
   A_i (from zero), so B_iᵀB_j = 0 and the summed merge keeps each task's update in its own subspace.
 
-The shared model is never left holding an expert or a merge: after `fit` it is back at the initial
-state, and `FitResult.weights(task)` loads a task's expert (or merges the experts) for the duration
+These are parts of a composed strategy (`trainers.strategies.strategy`): the `per_task` phases,
+then the `Experts` or `MergeExperts` finisher, and for OrthoAda the `OrthogonalBlocks` initialiser.
+The shared model is never left holding an expert or a merge: after training it is back at the
+initial state, and `FitResult.weights(task)` loads a task's expert (or merges the experts) for the duration
 of a `with`, restoring the model on exit. Experts are saved as `experts/<task>.safetensors`, the
 initial adapter tensors as `experts/init.safetensors` and a merge as `merged.safetensors`, so that
 `load_weights` rebuilds the run and `scripts/merge.py` merges again without training.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -35,13 +36,13 @@ from minbert.peft.lora import LoraLinear
 from minbert.peft.merging import (MERGES, MergeError, check_merge_options, default_options,
                                    merge_deltas)
 from tasks.base import Task
-from trainers.engine.evaluate import RunContext, TaskWeights
+from trainers.engine.context import RunContext, TaskWeights
 from trainers.engine.loop import FitResult
-from trainers.strategies.sequential import SequentialTrainer
 from trainers.engine.state import TrainState
+from trainers.strategies.finishers import check_phases
+from trainers.strategies.phases import State, load_state, loaded, preserved, tensors_of
 
 log = logging.getLogger(__name__)
-State = dict[str, torch.Tensor]
 EXPERTS_DIR, INIT_FILE, MERGED_FILE = "experts", "init.safetensors", "merged.safetensors"
 
 
@@ -54,36 +55,6 @@ def expert_state(model, task: str) -> State:
     head = {n: t.clone() for n, t in adapter_state_dict(model).items()
             if n.startswith(f"heads.{task}.")}
     return {**encoder_state(model), **head}
-
-
-def _tensors(model) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-@torch.no_grad()
-def load_state(model, state: State) -> None:
-    tensors = _tensors(model)
-    for name, t in state.items():
-        tensors[name].copy_(t)
-
-
-@contextmanager
-def preserved(model, names):
-    """`with preserved(model, names):` the named tensors are restored on exit."""
-    tensors = _tensors(model)
-    saved = {n: tensors[n].detach().clone() for n in names}
-    try:
-        yield model
-    finally:
-        load_state(model, saved)
-
-
-@contextmanager
-def loaded(model, state: State):
-    """`with loaded(model, state):` the model holds `state`; on exit, what it held before."""
-    with preserved(model, state):
-        load_state(model, state)
-        yield model
 
 
 def expert_weights(model, experts: dict[str, State]) -> TaskWeights:
@@ -114,42 +85,46 @@ def load_init(model, run_dir: Path) -> None:
     load_state(model, load_file(str(path)))
 
 
-class ExpertTrainer(SequentialTrainer):
-    """Trains one expert per task, each a phase of the shared loop (the shared part of eoe, fedavg
-    and orthoada); takes the sequential trainer's options (optimizer, epochs, head_lr,
-    max_grad_norm). Each expert starts from the same initial state; its best epoch is kept in
-    `experts/<task>.safetensors`."""
+class Experts:
+    """`trainer=eoe`: one expert per task (its best epoch kept in `experts/<task>.safetensors`),
+    each task scored with its own."""
 
-    def phases(self, ctx: RunContext) -> list[list[Task]]:
-        return [[task] for task in ctx.tasks]
+    phases, merges = "per_task", None
+
+    def check(self, phases: str) -> None:
+        check_phases(self, phases)
 
     def start(self, ctx: RunContext) -> None:
-        self._start = {n: t.clone() for n, t in adapter_state_dict(ctx.model).items()}  # + heads
-        self._init = encoder_state(ctx.model)
+        """Keeps the initial encoder state, and saves the tensors drawn at random in it (for
+        `load_weights`)."""
+        self.initial = encoder_state(ctx.model)
         drawn = adapter_tensors(ctx.model)
-        save_state({n: t for n, t in self._init.items() if n in drawn},
+        save_state({n: t for n, t in self.initial.items() if n in drawn},
                    ctx.run_dir / EXPERTS_DIR / INIT_FILE, method_metadata(ctx.method))
-
-    def prepare(self, ctx: RunContext, index: int) -> None:
-        """Hook before expert `index` trains (OrthoAda sets its frozen block here)."""
-
-    def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
-        load_state(ctx.model, self._start)  # every expert starts from the same state
-        self.prepare(ctx, index)
-        per_expert = sum(p.numel() for p in ctx.model.encoder.parameters() if p.requires_grad)
-        state.extra["counts"] = expert_counts(ctx.model, per_expert, len(ctx.tasks))
-        super().begin_phase(ctx, state, index)
 
     def save_best(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> None:
         save_state(expert_state(ctx.model, tasks[0].name), expert_file(ctx.run_dir, tasks[0].name),
                    {**method_metadata(ctx.method), "task": tasks[0].name,
                     "score": state.best_score, "epoch": state.best_epoch})
 
-    def experts(self, ctx: RunContext) -> list[State]:
+    def experts(self, ctx: RunContext, phases) -> list[State]:
         """The finished experts, in task order; the model back at the initial state."""
-        load_state(ctx.model, self._start)
+        phases.restore(ctx.model)
         found = read_experts(ctx.run_dir, [t.name for t in ctx.tasks])
         return [found[t.name] for t in ctx.tasks]
+
+    def counts(self, ctx: RunContext) -> dict[str, float]:
+        per_expert = sum(p.numel() for p in ctx.model.encoder.parameters() if p.requires_grad)
+        return expert_counts(ctx.model, per_expert, len(ctx.tasks))
+
+    def result(self, ctx: RunContext, state: TrainState, phases) -> FitResult:
+        experts = dict(zip((t.name for t in ctx.tasks), self.experts(ctx, phases)))
+        return FitResult(None, float("nan"), expert_weights(ctx.model, experts), self.counts(ctx))
+
+    @staticmethod
+    def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:
+        load_init(model, run_dir)
+        return expert_weights(model, read_experts(run_dir, tasks))
 
 
 def expert_counts(model, per_expert: int, n: int) -> dict[str, float]:
@@ -163,57 +138,47 @@ def expert_counts(model, per_expert: int, n: int) -> dict[str, float]:
             "params/updated_pct": 100.0 * trainable / total}
 
 
-class EnsembleOfExperts(ExpertTrainer):
-    """`trainer=eoe`: each task is scored with its own expert."""
-
-    def result(self, ctx: RunContext, state: TrainState) -> FitResult:
-        experts = dict(zip((t.name for t in ctx.tasks), self.experts(ctx)))
-        return FitResult(None, float("nan"), expert_weights(ctx.model, experts),
-                         state.extra["counts"])
-
-    @staticmethod
-    def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:
-        load_init(model, run_dir)
-        return expert_weights(model, read_experts(run_dir, tasks))
-
-
-class MergedExperts(ExpertTrainer):
+class MergeExperts(Experts):
     """`trainer=fedavg`: the experts' updates merged into one model (`merge`: linear (FedAvg),
-    task_arithmetic, ties, dare, dare_ties; `weights`: one per task, default 1/n; `density`
-    (ties: 0.2, dare: 0.1 when not given, see `minbert.peft.merging.DEFAULTS`), `scale`)."""
+    task_arithmetic, ties, dare, dare_ties; `weights`: one per task, default `default_weight`
+    each, or 1/n; `density` (ties: 0.2, dare: 0.1 when not given, see
+    `minbert.peft.merging.DEFAULTS`), `scale`). `merges`: the choice named when the PEFT method
+    cannot merge."""
 
-    default_weight: Callable[[int], float] = staticmethod(lambda n: 1.0 / n)
-    merges = "trainer=fedavg"  # what needs a mergeable PEFT method (minbert.peft.check_mergeable)
-
-    def __init__(self, optimizer: Callable, merge: str = "linear",
-                 weights: list[float] | None = None, density: float | None = None,
-                 scale: float | None = None, **options):
-        super().__init__(optimizer, **options)
-        merge_options = {"density": density, "scale": scale}
+    def __init__(self, merge: str = "linear", weights: list[float] | None = None,
+                 density: float | None = None, scale: float | None = None,
+                 default_weight: float | None = None, merges: str = "trainer=fedavg"):
         if merge not in MERGES:
-            raise ConfigError(f"trainer.merge={merge!r}; use one of {sorted(MERGES)}")
+            raise ConfigError(f"trainer.finisher.merge={merge!r}; use one of {sorted(MERGES)}")
         self.merge, self.weights = merge, None if weights is None else [float(w) for w in weights]
-        given = {k: v for k, v in merge_options.items() if v is not None}
+        self.default_weight, self.merges = default_weight, merges
+        given = {k: v for k, v in {"density": density, "scale": scale}.items() if v is not None}
         self.options = {**default_options(merge, given), **given}
         try:
             check_merge_options(merge, self.options)
         except MergeError as e:
-            raise ConfigError(f"trainer.merge={merge}: {e}") from e
+            raise ConfigError(f"trainer.finisher.merge={merge}: {e}") from e
         for key in sorted(set(self.options) - set(given)):
-            log.info("trainer.merge=%s: trainer.%s=%s (the published default)", merge, key,
-                     self.options[key])
+            log.info("trainer.finisher.merge=%s: trainer.finisher.%s=%s (the published default)",
+                     merge, key, self.options[key])
 
-    def result(self, ctx: RunContext, state: TrainState) -> FitResult:
-        experts = self.experts(ctx)
-        weights = self.weights or [self.default_weight(len(experts))] * len(experts)
-        if len(weights) != len(experts):
-            raise ConfigError(f"trainer.weights has {len(weights)} values for {len(experts)} tasks")
-        merged = merge_experts(ctx.model, self._init, experts, self.merge, weights, self.options)
+    def weights_for(self, n: int) -> list[float]:
+        """The merge's weights for n experts: `weights`, else `default_weight` (else 1/n) each."""
+        weights = self.weights or [1.0 / n if self.default_weight is None
+                                   else self.default_weight] * n
+        if len(weights) != n:
+            raise ConfigError(f"trainer.finisher.weights has {len(weights)} values for {n} tasks")
+        return weights
+
+    def result(self, ctx: RunContext, state: TrainState, phases) -> FitResult:
+        experts = self.experts(ctx, phases)
+        weights = self.weights_for(len(experts))
+        merged = merge_experts(ctx.model, self.initial, experts, self.merge, weights, self.options)
         save_state(merged, ctx.run_dir / MERGED_FILE,
                    {"merge": self.merge, "weights": weights, **self.options})
         heads = {n: t for e in experts for n, t in e.items() if n.startswith("heads.")}
         return FitResult(None, float("nan"), merged_weights(ctx.model, merged, heads),
-                         state.extra["counts"])
+                         self.counts(ctx))
 
     @staticmethod
     def load_weights(model, run_dir: Path, tasks: list[str]) -> TaskWeights:
@@ -265,7 +230,7 @@ def merged_weights(model, merged: State, heads: State) -> TaskWeights:
 
     @contextmanager
     def weights(task: str):
-        tensors = _tensors(model)
+        tensors = tensors_of(model)
         with ExitStack() as stack:
             stack.enter_context(loaded(model, {**{n: tensors[n] + v for n, v in vectors.items()},
                                                **heads}))
@@ -288,14 +253,12 @@ def _delta_tensors(model) -> set[str]:
                          else layer.adapter_params())}
 
 
-class OrthogonalAdaptation(MergedExperts):
-    """`trainer=orthoada`: frozen orthogonal B_i blocks, trained A_i, merged by summing."""
+class OrthogonalBlocks:
+    """`trainer=orthoada`'s initialiser (`trainer.init`): before expert i trains, every LoRA
+    layer's B is block i of one random orthogonal basis (drawn from `seed`, the same for every
+    task), frozen, and A trains from zero."""
 
-    default_weight = staticmethod(lambda n: 1.0)
-    merges = "trainer=orthoada"
-
-    def __init__(self, optimizer: Callable, seed: int = 0, **kwargs):
-        super().__init__(optimizer, **kwargs)
+    def __init__(self, seed: int = 0):
         self.seed = seed
 
     def prepare(self, ctx: RunContext, index: int) -> None:

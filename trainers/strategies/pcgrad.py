@@ -13,8 +13,8 @@ projected g_i'. With two tasks this makes each g_i' orthogonal to the other task
 they conflict, and leaves both untouched when they do not (then the update is the plain sum).
 
 `pcgrad` is pure: it takes per-task gradient lists and returns per-parameter gradients; the caller
-writes them into `param.grad` before the optimiser step. `task_gradients` is a small helper that
-produces such lists from per-task losses with `torch.autograd.grad`.
+writes them into `param.grad` before the optimiser step (`trainers.engine.loop.task_gradients`
+produces such lists from per-task losses with `torch.autograd.grad`).
 
 Memory: one flattened copy per task of all the gradients given, so pass only the trainable
 parameters (PEFT adapters and heads), not the frozen encoder.
@@ -44,9 +44,9 @@ def pcgrad(grads: Sequence[Sequence[torch.Tensor | None]],
     templates = [next((g[k] for g in grads if g[k] is not None), None) for k in range(n_params)]
     if all(t is None for t in templates):
         return [None] * n_params
-    flat = [_flatten(task, templates) for task in grads]
+    flat = [flatten_grads(task, templates) for task in grads]
     projected = project_conflicting(flat, generator)
-    return _unflatten(torch.stack(projected).sum(dim=0), templates)
+    return unflatten_grads(torch.stack(projected).sum(dim=0), templates)
 
 
 def project_conflicting(flat: Sequence[torch.Tensor],
@@ -70,7 +70,7 @@ def _project(i: int, flat: Sequence[torch.Tensor],
     return g
 
 
-def _flatten(task: Sequence[torch.Tensor | None],
+def flatten_grads(task: Sequence[torch.Tensor | None],
              templates: list[torch.Tensor | None]) -> torch.Tensor:
     """One float vector (at least float32) of a task's gradients, zeros where None."""
     parts = []
@@ -88,7 +88,7 @@ def _flatten(task: Sequence[torch.Tensor | None],
     return torch.cat([p.to(dtype) for p in parts])
 
 
-def _unflatten(vector: torch.Tensor,
+def unflatten_grads(vector: torch.Tensor,
                templates: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     out, offset = [], 0
     for template in templates:
@@ -99,14 +99,3 @@ def _unflatten(vector: torch.Tensor,
         out.append(vector[offset:offset + n].view_as(template).to(template.dtype))
         offset += n
     return out
-
-
-def task_gradients(losses: Sequence[torch.Tensor],
-                   params: Sequence[torch.Tensor]) -> list[list[torch.Tensor | None]]:
-    """Per-task gradients of `losses` w.r.t. `params` (None where a loss does not reach a
-    parameter), ready for `pcgrad`. The graph is kept until the last loss, so losses may share
-    a forward pass."""
-    params = list(params)
-    return [list(torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1,
-                                     allow_unused=True))
-            for i, loss in enumerate(losses)]

@@ -2,7 +2,7 @@
 
 `trainer=interleaved` mixes batches of all tasks (sst, para, sts) in one loop; the training sets
 differ in size by more than an order of magnitude, so the choice of task per step decides how much
-of each set is seen and how much the small tasks are over- or under-sampled. `trainer.sampler=`
+of each set is seen and how much the small tasks are over- or under-sampled. `trainer.schedule.sampler=`
 picks one of:
 
 - `round_robin`: a deterministic cycle over the tasks in the given order (uniform in expectation).
@@ -37,7 +37,7 @@ from common.errors import ConfigError
 
 
 class SamplerError(ConfigError, ValueError):
-    """A bad `trainer.sampler` name or option: a ValueError, and a ConfigError so that train.py
+    """A bad `trainer.schedule.sampler` name or option: a ValueError, and a ConfigError so that train.py
     prints it cleanly."""
 
 
@@ -105,7 +105,7 @@ class TemperatureSampler(TaskSampler):
     def __init__(self, sizes, total_steps, generator, temperature: float = 2.0):
         super().__init__(sizes, total_steps, generator)
         if not _is_number(temperature) or not temperature > 0 or math.isinf(temperature):
-            raise SamplerError(f"trainer.sampler temperature={temperature!r} must be a finite "
+            raise SamplerError(f"trainer.schedule.temperature={temperature!r} must be a finite "
                                "number > 0 (1 = proportional, larger = flatter)")
         self.temperature = float(temperature)
 
@@ -119,7 +119,7 @@ class AnnealedSampler(TaskSampler):
     def __init__(self, sizes, total_steps, generator, alpha_end: float = 0.2):
         super().__init__(sizes, total_steps, generator)
         if not _is_number(alpha_end) or not 0 <= alpha_end <= 1:
-            raise SamplerError(f"trainer.sampler alpha_end={alpha_end!r} must be in [0, 1] "
+            raise SamplerError(f"trainer.schedule.alpha_end={alpha_end!r} must be in [0, 1] "
                                "(1 = proportional throughout, 0 = uniform at the end)")
         self.alpha_end = float(alpha_end)
 
@@ -151,12 +151,12 @@ def make_sampler(name: str, sizes: dict[str, int], total_steps: int,
                  generator: torch.Generator, **options) -> TaskSampler:
     """Build the sampler `name` (one of SAMPLERS) with its options (see OPTIONS)."""
     if name not in SAMPLERS:
-        raise SamplerError(f"unknown trainer.sampler={name!r}; valid samplers: "
+        raise SamplerError(f"unknown trainer.schedule.sampler={name!r}; valid samplers: "
                            f"{', '.join(SAMPLERS)}")
     unknown = sorted(set(options) - set(OPTIONS[name]))
     if unknown:
         accepted = ", ".join(OPTIONS[name]) or "none"
-        raise SamplerError(f"trainer.sampler={name} does not take option(s) {', '.join(unknown)}; "
+        raise SamplerError(f"trainer.schedule.sampler={name} does not take option(s) {', '.join(unknown)}; "
                            f"accepted options: {accepted}")
     return SAMPLERS[name](sizes, total_steps, generator, **options)
 
