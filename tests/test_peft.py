@@ -232,3 +232,32 @@ def test_unknown_targets_are_config_errors():
     encoder = Lora(targets=["layers.1.attn.value", "ffn.up"]).apply(base_encoder("tiny"))
     assert [n for n, _ in adapter_layers(encoder)] == ["layers.0.ffn.up", "layers.1.attn.value",
                                                        "layers.1.ffn.up"]
+
+
+@pytest.mark.parametrize("make,kwargs,message", [
+    ("Hydra", {"r_parallel": 0}, "r_parallel=0 must be a positive integer"),
+    ("Hydra", {"r_sequential": 2.5}, "r_sequential=2.5 must be a positive integer"),
+    ("DyLora", {"r_max": 0}, "r_max=0 must be a positive integer"),
+    ("DyLora", {"r_min": 9}, r"r_min=9 must be an integer in \[1, r_max=8\]"),
+    ("AdaLora", {"init_r": -1}, "init_r=-1 must be a positive integer"),
+    ("AdaLora", {"target_r": 13}, r"target_r=13 must be an integer in \[1, init_r=12\]"),
+    ("Vera", {"dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
+    ("Dvora", {"bias": "some"}, r"bias='some'; use one of"),
+])
+def test_adapter_methods_share_one_validated_config(make, kwargs, message):
+    """The shared options (`AdapterConfig`) and each method's own rank options, checked when the
+    method is built; no method fakes a `rank` it does not have."""
+    from minbert.peft.adalora import AdaLora
+    from minbert.peft.dvora import Dvora
+    from minbert.peft.dylora import DyLora
+    from minbert.peft.hydra import Hydra
+    from minbert.peft.layer import AdapterConfig
+
+    cls = {"Hydra": Hydra, "DyLora": DyLora, "AdaLora": AdaLora, "Vera": Vera, "Dvora": Dvora}[make]
+    assert issubclass(cls, AdapterConfig)
+    with pytest.raises(ConfigError, match=message):
+        cls(**kwargs)
+    method = cls()
+    assert hasattr(method, "rank") == ("rank" in cls.rank_options)
+    assert method.targets == "attn_qkv" and method.bias == "none" and method.dropout == 0.0
+    assert cls(targets=("attn.query",)).targets == ["attn.query"]  # a Hydra list: a plain one

@@ -29,7 +29,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from minbert.peft.contract import Capabilities, NoHooks
-from minbert.peft.layer import AdapterLinear, adapt, check_options
+from minbert.peft.layer import AdapterConfig, AdapterLinear, adapt, train_biases
 
 
 class AdaLoraLinear(AdapterLinear):
@@ -159,29 +159,25 @@ class RankAllocator:
 
 
 @dataclass
-class AdaLora(NoHooks):
-    """`peft=adalora`: AdaLoRA on `targets`, from rank `init_r` down to `target_r` per layer."""
+class AdaLora(AdapterConfig, NoHooks):
+    """`peft=adalora`: AdaLoRA on `targets`, from rank `init_r` down to `target_r` per layer; the
+    options every adapter method has (`AdapterConfig`)."""
 
     init_r: int = 12
     target_r: int = 8
     alpha: float = 8.0
-    dropout: float = 0.0
-    targets: object = "attn_qkv"
-    bias: str = "none"
     tinit: int = 0
     tfinal: int = 1  # peft's 0 never reaches the target within a run's steps (0..total - 1)
     deltaT: int = 1
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
-    lr: float | None = None
-    merge_eval: bool = True
     name: ClassVar[str] = "adalora"
     capabilities: ClassVar[Capabilities] = Capabilities()
+    rank_options: ClassVar[tuple[str, ...]] = ("init_r",)  # target_r: in [1, init_r], below
 
     def __post_init__(self):
-        self.rank = self.init_r  # for check_options
-        check_options(self)
+        super().__post_init__()
         if not isinstance(self.target_r, int) or not 1 <= self.target_r <= self.init_r:
             raise ConfigError(f"target_r={self.target_r!r} must be an integer in [1, init_r="
                               f"{self.init_r}]")
@@ -190,8 +186,6 @@ class AdaLora(NoHooks):
         self.allocator: RankAllocator | None = None
 
     def apply(self, encoder: nn.Module) -> nn.Module:
-        from minbert.peft.layer import train_biases
-
         names = adapt(encoder, self.targets,
                       lambda linear: AdaLoraLinear(linear, self.init_r, self.alpha, self.dropout))
         self.allocator = RankAllocator({n: encoder.get_submodule(n) for n in names}, self.init_r,

@@ -23,7 +23,8 @@ from torch import nn
 
 from common.errors import ConfigError
 from minbert.peft.contract import Capabilities, NoHooks
-from minbert.peft.layer import AdapterLinear, adapt, check_options, low_rank_update, train_biases
+from minbert.peft.layer import (AdapterConfig, AdapterLinear, adapt, low_rank_update,
+                                train_biases)
 
 
 class RankState:
@@ -67,25 +68,21 @@ class DyLoraLinear(AdapterLinear):
 
 
 @dataclass
-class DyLora(NoHooks):
-    """`peft=dylora`: LoRA over ranks r_min..r_max, one sampled per step."""
+class DyLora(AdapterConfig, NoHooks):
+    """`peft=dylora`: LoRA over ranks r_min..r_max, one sampled per step; the options every
+    adapter method has (`AdapterConfig`)."""
 
     r_min: int = 1
     r_max: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
     frozen: bool = False
     eval_rank: int | None = None  # None: r_max
-    targets: object = "attn_qkv"
-    bias: str = "none"
-    lr: float | None = None
-    merge_eval: bool = True
     name: ClassVar[str] = "dylora"
     capabilities: ClassVar[Capabilities] = Capabilities()
+    rank_options: ClassVar[tuple[str, ...]] = ("r_max",)  # r_min: in [1, r_max], below
 
     def __post_init__(self):
-        self.rank = self.r_max  # for check_options
-        check_options(self)
+        super().__post_init__()
         if not isinstance(self.r_min, int) or not 1 <= self.r_min <= self.r_max:
             raise ConfigError(f"r_min={self.r_min!r} must be an integer in [1, r_max={self.r_max}]")
         self.eval_rank = self.r_max if self.eval_rank is None else self.eval_rank

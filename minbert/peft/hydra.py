@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError
 from minbert.peft.contract import Capabilities
-from minbert.peft.layer import AdapterLinear, adapt, check_options, train_biases
+from minbert.peft.layer import AdapterConfig, AdapterLinear, adapt, train_biases
 
 
 class HydraLinear(AdapterLinear):
@@ -51,24 +50,15 @@ class HydraLinear(AdapterLinear):
 
 
 @dataclass
-class Hydra:
-    """`peft=hydra`: a parallel (rank r_parallel) and a sequential (r_sequential) branch."""
+class Hydra(AdapterConfig):
+    """`peft=hydra`: a parallel (rank r_parallel) and a sequential (r_sequential) branch; the
+    options every adapter method has (`AdapterConfig`)."""
 
     r_parallel: int = 8
     r_sequential: int = 8
-    dropout: float = 0.0
-    targets: object = "attn_qkv"
-    bias: str = "none"
-    lr: float | None = None
-    merge_eval: bool = True
     name: ClassVar[str] = "hydra"
     capabilities: ClassVar[Capabilities] = Capabilities()
-
-    def __post_init__(self):
-        self.rank = self.r_parallel  # for check_options
-        check_options(self)
-        if not isinstance(self.r_sequential, int) or self.r_sequential < 1:
-            raise ConfigError(f"r_sequential={self.r_sequential!r} must be a positive integer")
+    rank_options: ClassVar[tuple[str, ...]] = ("r_parallel", "r_sequential")
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         adapt(encoder, self.targets, lambda linear: HydraLinear(

@@ -1,5 +1,6 @@
-"""What every weight-update adapter shares: choosing the Linear layers to adapt, and an adapter
-around a Linear whose update can be folded into its weights (merge) and back out (unmerge).
+"""What every weight-update adapter shares: its common options (`AdapterConfig`), choosing the
+Linear layers to adapt, and an adapter around a Linear whose update can be folded into its weights
+(merge) and back out (unmerge).
 
 An adapted layer wraps its base layer (`base_layer`, as peft's tuner layers do; Mangrulkar et
 al., 2022) and calls it once in its forward, so a method never re-implements the base Linear and
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +66,33 @@ def adapt(encoder: nn.Module, targets, make_layer) -> list[str]:
     return names
 
 
-def check_options(method) -> None:
-    """Validates the options the adapter methods share (`rank`, `dropout`, `targets`, `bias`)
-    before any model is built, and turns a Hydra list of targets into a plain list."""
-    if not isinstance(method.rank, int) or method.rank < 1:
-        raise ConfigError(f"rank={method.rank!r} must be a positive integer")
-    if not 0 <= method.dropout < 1:
-        raise ConfigError(f"dropout={method.dropout!r} must be in [0, 1)")
-    if not isinstance(method.targets, str):
-        method.targets = [str(t) for t in method.targets]
-    if method.bias not in BIAS_CHOICES:
-        raise ConfigError(f"bias={method.bias!r}; use one of {list(BIAS_CHOICES)}")
+@dataclass
+class AdapterConfig:
+    """The options the adapter methods share, validated when the method is built (before any
+    model is): `dropout` (on the adapter's input), `targets` (a preset or a list of module names;
+    a Hydra list becomes a plain one), `bias` (`none`, or `all`: every bias trains too), `lr` (the
+    method's learning rate, which the trainer's optimizer reads as `${peft.lr}`) and `merge_eval`
+    (score dev and test on merged weights). A subclass adds its own rank options and names them in
+    `rank_options`, each checked to be a positive integer."""
+
+    dropout: float = 0.0
+    targets: object = "attn_qkv"
+    bias: str = "none"
+    lr: float | None = None
+    merge_eval: bool = True
+    rank_options: ClassVar[tuple[str, ...]] = ("rank",)
+
+    def __post_init__(self):
+        for key in self.rank_options:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r} must be a positive integer")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.targets, str):
+            self.targets = [str(t) for t in self.targets]
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"bias={self.bias!r}; use one of {list(BIAS_CHOICES)}")
 
 
 def train_biases(model: nn.Module, bias: str) -> None:

@@ -23,8 +23,7 @@ from minbert.checkpoint import minbert_to_hf_key
 from minbert.peft import adapter_layers, adapter_state_dict
 from minbert.peft.contract import Capabilities
 from minbert.peft.io import peft_key
-from minbert.peft.layer import (AdapterLinear, adapt, check_options, low_rank_update,
-                                train_biases)
+from minbert.peft.layer import AdapterConfig, AdapterLinear, adapt, low_rank_update, train_biases
 
 # Our adapter tensors' leaf names -> peft's, in its saved LoRA (and DoRA) adapters.
 PEFT_LEAVES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
@@ -55,25 +54,19 @@ class LoraLinear(AdapterLinear):
 
 
 @dataclass
-class Lora:
-    """`peft=lora`: the method's config and `apply`. `targets` is a preset (`attn_qv`,
-    `attn_qkv`, `all_linear`) or a list of module names; `bias=all` also trains every bias.
-    `lr` is the learning rate the method trains at (the trainer's optimizer reads `${peft.lr}`);
-    `merge_eval` scores dev and test on merged weights."""
+class Lora(AdapterConfig):
+    """`peft=lora`: the method's config and `apply`: rank `rank`, scale alpha / rank (alpha / √rank
+    with `rslora`), and the options every adapter method has (`AdapterConfig`: dropout, targets,
+    bias, lr, merge_eval)."""
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
     rslora: bool = False
-    targets: object = "attn_qkv"
-    bias: str = "none"
-    lr: float | None = None
-    merge_eval: bool = True
     name: ClassVar[str] = "lora"
     capabilities: ClassVar[Capabilities] = Capabilities(peft_export=True)
 
     def __post_init__(self):
-        check_options(self)
+        super().__post_init__()
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha!r} must be positive")
 

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minbert.peft.contract import Capabilities
-from minbert.peft.layer import (AdapterLinear, adapt, check_options, resolve_targets,
-                                train_biases)
+from minbert.peft.layer import AdapterConfig, AdapterLinear, adapt, resolve_targets, train_biases
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -73,23 +72,16 @@ class VeraLinear(AdapterLinear):
 
 
 @dataclass
-class Vera:
-    """`peft=vera`: shared random projections of rank `rank`, trained scaling vectors."""
+class Vera(AdapterConfig):
+    """`peft=vera`: shared random projections of rank `rank`, trained scaling vectors; the options
+    every adapter method has (`AdapterConfig`)."""
 
     rank: int = 256
     d_initial: float = 0.1
-    dropout: float = 0.0
     seed: int = 0  # peft's projection_prng_key
-    targets: object = "attn_qkv"
-    bias: str = "none"
-    lr: float | None = None
-    merge_eval: bool = True
     name: ClassVar[str] = "vera"
     capabilities: ClassVar[Capabilities] = Capabilities()
     layer: ClassVar[type] = VeraLinear  # what each targeted Linear becomes (DVoRA: DvoraLinear)
-
-    def __post_init__(self):
-        check_options(self)
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         weights = [encoder.get_submodule(n).weight for n in resolve_targets(encoder, self.targets)]
