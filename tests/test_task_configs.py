@@ -13,12 +13,17 @@ from conftest import REPO
 STORED = json.loads((REPO / "tests" / "stored" / "preset_metrics.json").read_text())
 
 
+CROSS_MACHINE = 1e-4  # the largest difference measured between CPU kernel families: 2.1e-5
+
+
 @pytest.mark.slow
 def test_report_presets_give_their_stored_metrics(data_root):
     """18 preset jobs at scale=smoke on the real data, against the numbers the code before task
     files gave (tests/stored/preset_metrics.py made them), rerun in a fresh process in the same
-    order. Pearson and the overall score may differ by float rounding (scipy's formula against
-    numpy's), nothing more."""
+    order. On a CPU kernel family that has stored numbers they agree to float rounding (scipy's
+    Pearson against numpy's), nothing more; on another family, within CROSS_MACHINE of each
+    stored family's (the kernels round differently, and training amplifies it)."""
+    import torch
     import os
     import subprocess
     import sys
@@ -28,11 +33,17 @@ def test_report_presets_give_their_stored_metrics(data_root):
                           env={**os.environ, "MINBERT_DATA": str(data_root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert sorted(got) == sorted(STORED)
-    for name, want in STORED.items():
-        assert sorted(got[name]) == sorted(want), name
-        for key, value in want.items():
-            assert math.isclose(got[name][key], value, rel_tol=1e-12, abs_tol=1e-15), (name, key)
+    family = torch.backends.cpu.get_cpu_capability()
+    exact = family in STORED
+    for stored_family, stored in STORED.items():
+        if exact and stored_family != family:
+            continue
+        assert sorted(got) == sorted(stored)
+        for name, want in stored.items():
+            assert sorted(got[name]) == sorted(want), name
+            for key, value in want.items():
+                tol = dict(rel_tol=1e-12, abs_tol=1e-15) if exact else dict(abs_tol=CROSS_MACHINE)
+                assert math.isclose(got[name][key], value, **tol), (stored_family, name, key)
 
 
 # ---- a task the project has never seen, one per kind, each read from another format ------------

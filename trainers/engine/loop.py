@@ -21,7 +21,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +66,7 @@ def next_batch(ctx: RunContext, state: TrainState, task: Task, endless: bool = F
     return data.collate(cursor.take(size)).to(ctx.settings.device)
 
 
+@runtime_checkable
 class TrainingStrategy(Protocol):
     """What the loop asks of a strategy (`trainers.strategies.strategy.Strategy` composes it)."""
 
