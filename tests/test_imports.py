@@ -108,6 +108,19 @@ def test_nothing_imports_a_script():
         assert not named & (scripts | {"scripts"}), f"{name} imports a script"
 
 
+def test_scripts_are_entry_points():
+    """No script edits sys.path or imports another script: shared code lives in the packages."""
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+        named = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names}
+        named |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom)}
+        assert not named & scripts, f"{path.name} imports a script"
+
+
 if __name__ == "__main__":
     graph = import_graph()
     print(f"{len(graph)} modules, {sum(map(len, graph.values()))} import edges")

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from common.errors import ConfigError
-from trainers.strategies.pcgrad import flatten_grads, unflatten_grads
+from trainers.strategies.pcgrad import flatten_grads, others_in_order, unflatten_grads
 
 EPS = 1e-8  # as LibMTL's GradVac: no division by zero for a zero gradient
 
@@ -53,10 +53,7 @@ class GradVac:
     def _vaccinate(self, i: int, flat: list[torch.Tensor],
                    generator: torch.Generator | None) -> torch.Tensor:
         g = flat[i].clone()
-        others = [j for j in range(len(flat)) if j != i]
-        if generator is not None:
-            others = [others[k] for k in torch.randperm(len(others), generator=generator).tolist()]
-        for j in others:
+        for j in others_in_order(i, len(flat), generator):
             norm_j = flat[j].norm()
             phi = (torch.dot(g, flat[j]) / (g.norm() * norm_j + EPS)).item()
             target = self.targets[i, j].item()

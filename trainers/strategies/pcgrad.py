@@ -56,14 +56,19 @@ def project_conflicting(flat: Sequence[torch.Tensor],
     return [_project(i, flat, generator) for i in range(len(flat))]
 
 
+def others_in_order(i: int, n: int, generator: torch.Generator | None) -> list[int]:
+    """The tasks other than i, in an order drawn from `generator` (None: in index order)."""
+    others = [j for j in range(n) if j != i]
+    if generator is not None:
+        others = [others[k] for k in torch.randperm(len(others), generator=generator).tolist()]
+    return others
+
+
 def _project(i: int, flat: Sequence[torch.Tensor],
              generator: torch.Generator | None) -> torch.Tensor:
     """Task i's gradient, projected off every other task's gradient it conflicts with."""
     g = flat[i].clone()
-    others = [j for j in range(len(flat)) if j != i]
-    if generator is not None:
-        others = [others[k] for k in torch.randperm(len(others), generator=generator).tolist()]
-    for j in others:
+    for j in others_in_order(i, len(flat), generator):
         dot = torch.dot(g, flat[j])
         if dot < 0:  # a conflict implies ||g_j|| > 0
             g -= dot / torch.dot(flat[j], flat[j]) * flat[j]
