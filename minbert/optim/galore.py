@@ -39,7 +39,7 @@ import torch
 from minbert.optim.adamw8 import (MIN_8BIT_SIZE, adam_moments, check_adam_args, init_moments, step_each,
                                   update_in_chunks)
 from minbert.optim.quant import SCHEMES, QuantizedTensor
-from minbert.optim.serial import PlainStateDict
+from minbert.optim.serial import PlainStateDict, packable
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 STATE_BITS = (32, 8)
@@ -51,6 +51,7 @@ def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype=dtype, copy=True)
 
 
+@packable
 class GaLoreProjector:
     """Projects one weight's gradient onto a rank-r orthonormal basis from its SVD, G = U S Vh.
 
@@ -69,6 +70,17 @@ class GaLoreProjector:
         self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
         self.left: torch.Tensor | None = None   # [m, k] or None
         self.right: torch.Tensor | None = None  # [k, n] or None
+
+    def to_state(self) -> dict:
+        """Its fields as plain values and tensors, for a checkpoint (`minbert.optim.serial`)."""
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, fields: dict) -> "GaLoreProjector":
+        projector = cls(fields["rank"], fields["update_proj_gap"], fields["scale"],
+                        fields["proj_type"])
+        projector.left, projector.right = fields["left"], fields["right"]
+        return projector
 
     def sides(self, shape: torch.Size) -> tuple[bool, bool]:
         """(use left, use right) for a gradient of this shape."""

@@ -15,6 +15,15 @@ import torch
 from minbert.optim.quant import QuantizedTensor
 
 KIND = "__kind__"
+PACKABLE: dict[str, type] = {}  # kind -> a class with to_state() and from_state(fields)
+
+
+def packable(cls: type) -> type:
+    """Class decorator: state objects of this class are saved as `{__kind__: name, **to_state()}`
+    and rebuilt by `cls.from_state(fields)` (how GaLore's projector registers itself, so that this
+    module needs no import of the optimizers that use it)."""
+    PACKABLE[cls.__name__] = cls
+    return cls
 
 
 def pack(value):
@@ -23,8 +32,8 @@ def pack(value):
         return {KIND: "QuantizedTensor", "codes": value.codes, "absmax": value.absmax,
                 "shape": list(value.shape), "block_size": value.block_size,
                 "scheme": value.scheme, "signed": value.signed}
-    if type(value).__name__ == "GaLoreProjector":
-        return {KIND: "GaLoreProjector", **{k: v for k, v in vars(value).items()}}
+    if PACKABLE.get(type(value).__name__) is type(value):
+        return {KIND: type(value).__name__, **value.to_state()}
     return value
 
 
@@ -35,13 +44,8 @@ def unpack(value):
     if value[KIND] == "QuantizedTensor":
         return QuantizedTensor(fields["codes"], fields["absmax"], torch.Size(fields["shape"]),
                                fields["block_size"], fields["scheme"], fields["signed"])
-    if value[KIND] == "GaLoreProjector":
-        from minbert.optim.galore import GaLoreProjector
-
-        projector = GaLoreProjector(fields["rank"], fields["update_proj_gap"], fields["scale"],
-                                    fields["proj_type"])
-        projector.left, projector.right = fields["left"], fields["right"]
-        return projector
+    if value[KIND] in PACKABLE:
+        return PACKABLE[value[KIND]].from_state(fields)
     raise ValueError(f"unknown packed optimizer state {value[KIND]!r}")
 
 
