@@ -100,6 +100,7 @@ def test_merge_script_re_merges_saved_experts(compose_cfg, synthetic_root, tmp_p
     ["trainer=fedavg", "peft=none"],
     ["trainer=fedavg", "peft=dora", "trainer.finisher.merge=dare", "trainer.finisher.density=0.5"],
     ["trainer=single", "trainer.task=sts", "peft=lora"],
+    ["trainer=ties", "peft=lora"],
 ])
 def test_every_expert_trainer_runs(compose_cfg, synthetic_root, tmp_path, overrides):
     metrics = run_trainer(compose_cfg, synthetic_root, tmp_path, *overrides)

@@ -77,6 +77,10 @@ class TrainingStrategy(Protocol):
 
     def start(self, ctx: RunContext, state: TrainState) -> None: ...
 
+    def phase_label(self, tasks: list[Task]) -> dict:
+        """What a phase's history records carry (an expert's: `{"expert": task}`)."""
+        ...
+
     def steps_per_epoch(self, ctx: RunContext, tasks: list[Task]) -> int: ...
 
     def next_step(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> Step | None: ...
@@ -227,7 +231,7 @@ def train(strategy: TrainingStrategy, ctx: RunContext, state: TrainState,
     while not state.done:
         tasks = phases[state.phase]
         per_epoch = strategy.steps_per_epoch(ctx, tasks)
-        label = {"expert": tasks[0].name} if len(phases) > 1 else {}
+        label = strategy.phase_label(tasks)
         bar = tqdm(total=per_epoch, initial=state.epoch_step, disable=not ctx.settings.progress,
                    leave=False, dynamic_ncols=True, desc=f"epoch {state.epoch}")
         ctx.model.train()

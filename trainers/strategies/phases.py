@@ -63,6 +63,10 @@ class OnePhase:
     def begin(self, ctx, index: int) -> None:
         return None
 
+    def label(self, tasks: list[Task]) -> dict:
+        """What the phase's history records and logs carry: nothing, for the only phase."""
+        return {}
+
 
 class PerTask:
     """A phase per task, each from the same start state (kept when the run starts)."""
@@ -80,6 +84,10 @@ class PerTask:
 
     def begin(self, ctx, index: int) -> None:
         self.restore(ctx.model)  # every expert starts from the same state
+
+    def label(self, tasks: list[Task]) -> dict:
+        """An expert's history records and logs name its task."""
+        return {"expert": tasks[0].name}
 
     def restore(self, model) -> None:
         load_state(model, self.initial)

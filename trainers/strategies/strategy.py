@@ -93,6 +93,9 @@ class Strategy:
     def phases(self, ctx: RunContext) -> list[list[Task]]:
         return self.split.phases(ctx.tasks)
 
+    def phase_label(self, tasks: list[Task]) -> dict:
+        return self.split.label(tasks)
+
     def start(self, ctx: RunContext, state: TrainState) -> None:
         """Once per process, before any phase begins or any checkpoint is loaded."""
         self.split.start(ctx)
