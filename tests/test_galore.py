@@ -215,3 +215,23 @@ def test_rank_group_rejects_vectors():
     b.grad = torch.ones(8)
     with pytest.raises(ValueError, match="2-D weights.*without 'rank'"):
         opt.step()
+
+
+def test_optimizer_state_objects_pack_through_their_own_registration():
+    """serial.py knows no optimizer class: GaLoreProjector and QuantizedTensor register themselves
+    (`@packable`) and pack to plain data that comes back equal."""
+    from minbert.optim import serial
+    from minbert.optim.quant import QuantizedTensor
+
+    projector = GaLoreProjector(2, 5, 0.5, "full")
+    projector.refresh(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+    packed = serial.pack(projector)
+    assert packed[serial.KIND] == "GaLoreProjector" and isinstance(packed["left"], torch.Tensor)
+    back = serial.unpack(packed)
+    assert type(back) is GaLoreProjector and torch.equal(back.left, projector.left)
+    assert back.right.stride() == projector.right.stride()  # the layout, which decides rounding
+    q = QuantizedTensor.quantize(torch.randn(300))
+    assert torch.equal(serial.unpack(serial.pack(q)).dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="unknown packed optimizer state 'Nope'"):
+        serial.unpack({serial.KIND: "Nope"})
+    assert serial.pack(3) == 3

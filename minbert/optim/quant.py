@@ -43,6 +43,8 @@ from collections.abc import Iterator
 
 import torch
 
+from minbert.optim.serial import packable
+
 SCHEMES = ("dynamic", "absmax")
 CHUNK_ELEMENTS = 2 ** 18  # elements per chunk (rounded down to whole blocks, at least one)
 
@@ -110,6 +112,7 @@ def _code_values_cpu(scheme: str, signed: bool) -> torch.Tensor:
     return (byte.float() + 1.0) / 256.0
 
 
+@packable
 class QuantizedTensor:
     """A float tensor stored block-wise in 8 bits. Attributes:
     codes  [n_blocks, block_size]  int8 ('absmax', signed), uint8 ('absmax' unsigned: (q + 1) / 256)
@@ -125,6 +128,16 @@ class QuantizedTensor:
                  block_size: int, scheme: str, signed: bool):
         self.codes, self.absmax = codes, absmax
         self.shape, self.block_size, self.scheme, self.signed = torch.Size(shape), block_size, scheme, signed
+
+    def pack_state(self) -> dict:
+        """Plain data for an optimizer's state dict (`minbert.optim.serial`)."""
+        return {"codes": self.codes, "absmax": self.absmax, "shape": list(self.shape),
+                "block_size": self.block_size, "scheme": self.scheme, "signed": self.signed}
+
+    @classmethod
+    def unpack_state(cls, fields: dict) -> "QuantizedTensor":
+        return cls(fields["codes"], fields["absmax"], torch.Size(fields["shape"]),
+                   fields["block_size"], fields["scheme"], fields["signed"])
 
     @classmethod
     def empty(cls, shape, scheme: str = "dynamic", block_size: int = 256, signed: bool = True,
