@@ -96,6 +96,7 @@ EXPECTED_TRAINABLE = {
     "galore": ALL,
     "lora": _per_layer(LINEAR, ("lora_A", "lora_B")),
     "lora_all_bias_rs": _per_layer(LINEAR, ("lora_A", "lora_B")) | {"bias"},
+    "pissa": _per_layer(LINEAR, ("lora_A", "lora_B")),  # A0, B0: frozen buffers
     "lora_fa": _per_layer(LINEAR, ("lora_B",)),
     "dora": _per_layer(LINEAR, ("lora_A", "lora_B", "magnitude")),
     "gradnormlorp": _per_layer(LINEAR, ("lora_A", "lora_B", "magnitude")),

@@ -87,7 +87,7 @@ def test_the_peft_lr_sets_the_optimizer_lr_unless_overridden(compose_cfg):
     assert cfg.trainer.optimizer.lr == 3e-3
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
 def test_export_script_writes_an_adapter_peft_loads(compose_cfg, synthetic_root, tmp_path, method):
     cfg, _ = run_method(compose_cfg, synthetic_root, tmp_path / "run", method,
                         "peft.targets=all_linear", "peft.bias=all")
