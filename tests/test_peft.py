@@ -39,6 +39,17 @@ def test_the_expected_tensors_name_only_cases():
     assert set(EXPECTED_TRAINABLE) <= set(CASES), "an entry for a config that is gone"
 
 
+def test_a_config_without_expected_tensors_fails_saying_what_to_add(monkeypatch):
+    """What a new conf/peft/<name>.yaml gets until its entry is written."""
+    import peft_cases
+
+    monkeypatch.delitem(peft_cases.EXPECTED_TRAINABLE, "lora")
+    with pytest.raises(pytest.fail.Exception, match=r"conf/peft/lora.yaml has no entry in "
+                       r"EXPECTED_TRAINABLE \(tests/peft_cases.py\): add the names of the "
+                       r"tensors it trains"):
+        test_every_config_says_what_it_trains("lora")
+
+
 @pytest.mark.parametrize("method", sorted(IDENTITY_AT_INIT))
 @model_ids
 def test_output_at_init_equals_the_base_model(method, model):
