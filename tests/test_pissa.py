@@ -219,3 +219,20 @@ def test_export_is_peft_s_conversion_and_loads_on_the_original_weights(model, rs
     print(f"\nPiSSA export loaded by peft on the original {model} (rslora={rslora}, bias={bias}): "
           f"{diff}")
     assert diff < ATOL
+
+
+def test_qlora_takes_pissa_s_init_on_its_quantized_residual():
+    """QPiSSA (the paper's QLoRA variant): the residual, not W0, is stored in NF4."""
+    from minbert.peft.qlora import Linear4bit, QLora
+
+    encoder = QLora(init="pissa", targets="all_linear").apply(base_encoder("tiny"))
+    layers = dict(adapter_layers(encoder))
+    assert all(isinstance(m, PissaLinear) and isinstance(m.base_layer, Linear4bit)
+               for m in layers.values())
+    perturb(encoder)
+    b = batch()
+    with torch.no_grad():
+        unmerged = hidden(encoder, b)
+        with merged(encoder):
+            assert (hidden(encoder, b) - unmerged).abs().max() < 1e-5
+        assert torch.equal(hidden(encoder, b), unmerged)

@@ -27,6 +27,7 @@ Free functions read all of that back, whatever the method: `trainable_params`, `
 | lora         | lora.py         | reparameterisation     | Hu et al., 2021               |
 | lora_fa      | lora_fa.py      | reparameterisation     | Zhang et al., 2023            |
 | dora         | dora.py         | reparameterisation     | Liu et al., 2024              |
+| pissa        | lora.py         | reparameterisation     | Meng et al., 2024             |
 | vera         | vera.py         | reparameterisation     | Kopiczko et al., 2024         |
 | houlsby      | bottleneck.py   | adapters               | Houlsby et al., 2019          |
 | pfeiffer     | bottleneck.py   | adapters               | Pfeiffer et al., 2021         |
