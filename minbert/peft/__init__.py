@@ -21,22 +21,8 @@ Free functions read all of that back, whatever the method: `trainable_params`, `
 `merge`/`unmerge`/`merged`, `adapter_state_dict`. Methods are built from config by Hydra
 (`peft=lora`, `peft=ia3`, ...), so adding one is adding a module and a `conf/peft/<name>.yaml`.
 
-| method       | module          | family                 | paper                         |
-|--------------|-----------------|------------------------|-------------------------------|
-| none         | full.py         | full fine-tuning       | Devlin et al., 2019           |
-| lora         | lora.py         | reparameterisation     | Hu et al., 2021               |
-| lora_fa      | lora_fa.py      | reparameterisation     | Zhang et al., 2023            |
-| dora         | dora.py         | reparameterisation     | Liu et al., 2024              |
-| pissa        | lora.py         | reparameterisation     | Meng et al., 2024             |
-| vera         | vera.py         | reparameterisation     | Kopiczko et al., 2024         |
-| houlsby      | bottleneck.py   | adapters               | Houlsby et al., 2019          |
-| pfeiffer     | bottleneck.py   | adapters               | Pfeiffer et al., 2021         |
-| ia3          | ia3.py          | activation scaling     | Liu et al., 2022              |
-| prefix       | prefix.py       | prompt-based           | Li & Liang, 2021              |
-| prompt       | prompt.py       | prompt-based           | Lester et al., 2021           |
-| bitfit       | bitfit.py       | selective              | Ben Zaken et al., 2022        |
-| galore       | galore.py       | memory-efficient       | Zhao et al., 2024             |
-| gradnormlorp | gradnormlorp.py | memory-efficient       | Huang et al., 2025            |
+The methods are the `conf/peft/*.yaml` files, each naming its class (`_target_`); the README's
+"PEFT methods" table gives each one's family and paper.
 
 GaLore and GradNormLoRP also shape the optimizer: they declare `own_optimizer` (the trainer builds
 GaLoreAdamW) and their `param_groups` hook tags the parameters whose gradients are projected.
