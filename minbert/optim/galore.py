@@ -52,7 +52,6 @@ def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @packable
-@packable
 class GaLoreProjector:
     """Projects one weight's gradient onto a rank-r orthonormal basis from its SVD, G = U S Vh.
 
@@ -71,18 +70,6 @@ class GaLoreProjector:
         self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
         self.left: torch.Tensor | None = None   # [m, k] or None
         self.right: torch.Tensor | None = None  # [k, n] or None
-
-    def pack_state(self) -> dict:
-        """Plain data for an optimizer's state dict (`minbert.optim.serial`): its options and
-        bases, as they are (their memory layout decides how the matmuls round)."""
-        return dict(vars(self))
-
-    @classmethod
-    def unpack_state(cls, fields: dict) -> "GaLoreProjector":
-        projector = cls(fields["rank"], fields["update_proj_gap"], fields["scale"],
-                        fields["proj_type"])
-        projector.left, projector.right = fields["left"], fields["right"]
-        return projector
 
     def to_state(self) -> dict:
         """Its fields as plain values and tensors, for a checkpoint (`minbert.optim.serial`)."""

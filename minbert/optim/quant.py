@@ -129,13 +129,13 @@ class QuantizedTensor:
         self.codes, self.absmax = codes, absmax
         self.shape, self.block_size, self.scheme, self.signed = torch.Size(shape), block_size, scheme, signed
 
-    def pack_state(self) -> dict:
+    def to_state(self) -> dict:
         """Plain data for an optimizer's state dict (`minbert.optim.serial`)."""
         return {"codes": self.codes, "absmax": self.absmax, "shape": list(self.shape),
                 "block_size": self.block_size, "scheme": self.scheme, "signed": self.signed}
 
     @classmethod
-    def unpack_state(cls, fields: dict) -> "QuantizedTensor":
+    def from_state(cls, fields: dict) -> "QuantizedTensor":
         return cls(fields["codes"], fields["absmax"], torch.Size(fields["shape"]),
                    fields["block_size"], fields["scheme"], fields["signed"])
 

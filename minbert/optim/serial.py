@@ -3,8 +3,8 @@
 GaLoreAdamW keeps a `GaLoreProjector` per projected weight and both 8-bit optimizers keep
 `QuantizedTensor` moments: Python objects that `torch.save` would pickle as code references, which
 `torch.load(weights_only=True)` rightly refuses. Such a class registers itself with `@packable`
-and says how it becomes plain data (`pack_state()`: tensors and plain values) and back
-(`unpack_state(fields)`), so this module knows none of them. `PlainStateDict` is a mixin for the
+and says how it becomes plain data (`to_state()`: tensors and plain values) and back
+(`from_state(fields)`), so this module knows none of them. `PlainStateDict` is a mixin for the
 optimizers: `state_dict()` turns each registered object into a dict tagged with its class's name,
 and `load_state_dict()` turns it back, bit for bit (the projector's bases keep their memory
 layout, which decides how their matmuls round). torch's own loader is kept away from those
@@ -18,7 +18,7 @@ PACKABLE: dict[str, type] = {}  # class name -> the registered class
 
 def packable(cls: type) -> type:
     """Class decorator: instances of `cls` in an optimizer's state are saved as
-    `{KIND: cls.__name__, **obj.pack_state()}` and restored by `cls.unpack_state(fields)`."""
+    `{KIND: cls.__name__, **obj.to_state()}` and restored by `cls.from_state(fields)`."""
     PACKABLE[cls.__name__] = cls
     return cls
 
@@ -27,7 +27,7 @@ def pack(value):
     """A state value as something `torch.load(weights_only=True)` reads back."""
     kind = type(value).__name__
     if PACKABLE.get(kind) is type(value):
-        return {KIND: kind, **value.pack_state()}
+        return {KIND: kind, **value.to_state()}
     return value
 
 
@@ -37,7 +37,7 @@ def unpack(value):
     cls = PACKABLE.get(value[KIND])
     if cls is None:
         raise ValueError(f"unknown packed optimizer state {value[KIND]!r}")
-    return cls.unpack_state({k: v for k, v in value.items() if k != KIND})
+    return cls.from_state({k: v for k, v in value.items() if k != KIND})
 
 
 def _is_packed(value) -> bool:
