@@ -120,7 +120,7 @@ EIGHT_BIT_PAIRS = [("full", "full-8bit"), ("galore8", "galore8-8bit"),
 # ---- the model and one training step -------------------------------------------------------------
 class Classifier(nn.Module):
     """Encoder + SST's ClassifierHead on mean-pooled token states. `encoder` and `heads` are the
-    attributes `trainers.engine.loop.param_groups` and `Galore.projected` look for."""
+    attributes `trainers.engine.optim.param_groups` and `Galore.projected` look for."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()

@@ -158,5 +158,5 @@ def test_recipes_compose_and_build(compose_cfg, recipe):
     cfg = compose_cfg([f"recipe={recipe}", "model=tiny"])
     assert cfg.precision in ("fp32", "bf16", "auto") and cfg.heads.design == "joint"
     trainer = build(cfg.trainer, "trainer")
-    assert trainer.scheduler in ("constant", "linear", "cosine")
+    assert trainer.options.scheduler in ("constant", "linear", "cosine")
     assert build_model(cfg, get_tasks(["sst", "sts"])) is not None

@@ -334,4 +334,4 @@ def test_random_kills_resume_bit_identically(root, tmp_path):
     with ThreadPoolExecutor(max_workers=3) as pool:
         failures = [f for f in pool.map(cell, MATRIX) if f]
     assert not failures, "\n".join(failures)
-    assert len(MATRIX) == 26
+    assert len(MATRIX) == 30
