@@ -4,7 +4,7 @@ with early stopping after `trainer.patience` evaluations without improvement), o
 (`train`) that checkpoints, resumes and stops cleanly when asked to.
 
 The loop knows a strategy only by the `TrainingStrategy` Protocol: its options, its phases, the
-next step's (task, batch) pairs, what a phase's beginning and end do, where a phase's best state
+next step's (task, batch) pairs, what a phase's beginning does, where a phase's best state
 is kept, its gradient combiner, and its result. `trainers.strategies.strategy.Strategy` composes
 those from parts (phases, schedule, combiner, finisher). `train` returns the strategy's
 `FitResult`: the best epoch and score, and `weights(task)`, the context in which the model holds
@@ -86,8 +86,6 @@ class TrainingStrategy(Protocol):
     def next_step(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> Step | None: ...
 
     def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None: ...
-
-    def end_phase(self, ctx: RunContext, state: TrainState, index: int) -> None: ...
 
     def save_best(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> None: ...
 
@@ -280,7 +278,6 @@ def _advance(strategy: TrainingStrategy, ctx: RunContext, state: TrainState, n_p
     state.epoch, state.slot, state.epoch_step, state.epoch_losses = state.epoch + 1, 0, 0, {}
     if state.epoch <= strategy.options.epochs and not early:
         return
-    strategy.end_phase(ctx, state, state.phase)
     state.phase, state.epoch, state.phase_step = state.phase + 1, 1, 0
     if state.phase < n_phases:  # a new phase keeps its own best (an expert's)
         state.best_score, state.best_epoch, state.best_step = float("-inf"), None, None

@@ -141,8 +141,5 @@ class Strategy:
     def save_best(self, ctx: RunContext, state: TrainState, tasks: list[Task]) -> None:
         self.finisher.save_best(ctx, state, tasks)
 
-    def end_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
-        """After a phase's last epoch: nothing to do for any strategy here yet."""
-
     def result(self, ctx: RunContext, state: TrainState) -> FitResult:
         return self.finisher.result(ctx, state, self.split)
