@@ -4,12 +4,17 @@ commits, which POSIX `rename(2)` makes all-or-nothing), a `RunLock` that the ker
 its process dies (flock(2)), and named fault points for the tests: `MINBERT_FAULT=<point>[@n]`
 makes the process SIGKILL itself the n-th time (default: the first) it reaches `<point>`, so a
 test can kill a run exactly where a crash would hurt most; `<point>[@n]:USR2` (or `:TERM`) sends
-that signal instead, as a cluster does before preempting a job.
+that signal instead, as a cluster does before preempting a job. In a data-parallel run,
+`MINBERT_FAULT_RANK=<r>` limits the fault to rank r (default: every rank).
 
 Points: `checkpoint-write` (inside a checkpoint write, before the rename), `adapter-written` (after
 a best-state file is renamed in), `history-appended` (after history.jsonl is rewritten),
 `before-metrics` (before metrics.json, the file that marks a finished run), `step` (after an
 optimizer step).
+
+In a data-parallel run (`torchrun`, `trainers.engine.parallel`) only rank 0 writes: on the other
+ranks `atomic_write` (and so `write_text`, `write_json`, every checkpoint, adapter and history
+file) writes nothing, since rank 0 holds the same state (`common.distributed`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, IO
 
+from common.distributed import is_main, rank
 from common.errors import ConfigError
 
 FAULT_ENV = "MINBERT_FAULT"
@@ -36,7 +42,7 @@ def fault_point(name: str) -> None:
         return
     where, _, sig = spec.partition(":")
     point, _, nth = where.partition("@")
-    if point != name:
+    if point != name or os.environ.get("MINBERT_FAULT_RANK", str(rank())) != str(rank()):
         return
     _reached[name] += 1
     if _reached[name] == int(nth or 1):
@@ -55,8 +61,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object],
                  fault: str | None = None) -> Path:
     """Writes `path` all or nothing: `write(f)` into a temporary file in the same folder, flush,
     fsync, rename over `path`, fsync the folder. A kill at any point leaves the old file or the new
-    one, never a torn one (a stale `.tmp` at worst, overwritten by the next write)."""
+    one, never a torn one (a stale `.tmp` at worst, overwritten by the next write). On a rank
+    other than 0 of a data-parallel run, nothing is written (rank 0 writes the run's files)."""
     path = Path(path)
+    if not is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:

@@ -52,6 +52,18 @@ class Batch:
     labels: torch.Tensor | None  # [B]
     segments: int  # 2 when rows [:B] are first sentences and rows [B:] second ones
 
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Examples [start, stop) of the batch (both sentences of a pair), padded as the whole
+        batch is: a data-parallel rank's share (trainers.engine.parallel)."""
+        n = len(self.index)
+        rows = torch.cat([torch.arange(s * n + start, s * n + stop) for s in range(self.segments)])
+        labels = None if self.labels is None else self.labels[start:stop]
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.token_type_ids[rows],
+                     self.index[start:stop], labels, self.segments)
+
     def to(self, device) -> "Batch":
         labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
         return Batch(self.input_ids.to(device, non_blocking=True),
@@ -85,6 +97,10 @@ class EncodedSplit:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)
+
+    def batch(self, i: int, batch_size: int) -> Batch:
+        """The i-th batch of the split in file order (what `batches` yields i-th unshuffled)."""
+        return self.collate(torch.arange(i * batch_size, min(len(self), (i + 1) * batch_size)))
 
     def batches(self, batch_size: int, shuffle: bool = False, generator=None):
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
