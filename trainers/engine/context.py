@@ -1,7 +1,7 @@
 """What a run is made of, kept apart: its `Settings` (plain values, frozen: batch sizes, where to
 write, checkpoint cadence, the precision) and the collaborators it trains and scores with (the
 model, the tasks and their encoded data, the logger, the run's random generator, the PEFT method
-and its training hooks), held by a frozen `RunContext`. Nothing is assigned into either once a
+and its training hooks, the processes that train it), held by a frozen `RunContext`. Nothing is assigned into either once a
 run is built: training returns its result (`trainers.engine.loop.FitResult`), and the weights that
 score each task are passed to scoring explicitly. Shared by training (`trainers.engine.run`) and
 every script that scores a saved run (`RunContext.for_scoring`)."""
@@ -18,6 +18,7 @@ from minbert.peft.contract import NO_HOOKS, TrainingHooks
 from tasks.base import Task
 from tasks.batching import EncodedSplit
 from tasks.model import MultitaskModel
+from trainers.engine.parallel import SINGLE, Replicas
 from trainers.engine.precision import PRECISIONS
 
 TaskWeights = Callable[[str], ContextManager]  # task name -> a context holding its weights
@@ -59,6 +60,7 @@ class RunContext:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     method: object = None  # the PEFT method: its `merge_eval` and config for adapter files
     hooks: TrainingHooks = NO_HOOKS  # the method's hooks (minbert.peft.contract.training_hooks)
+    parallel: Replicas = SINGLE  # the processes training the run (trainers.engine.parallel)
 
     @classmethod
     def for_scoring(cls, model: MultitaskModel, tasks: list[Task], data: dict, run_dir: Path,

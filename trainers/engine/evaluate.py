@@ -19,17 +19,19 @@ from trainers.engine.context import RunContext, TaskWeights, autocast, shared_we
 
 @torch.inference_mode()
 def predict(ctx: RunContext, task: Task, data: EncodedSplit) -> np.ndarray:
-    """The task's predictions for every example of a split, in file order."""
+    """The task's predictions for every example of a split, in file order. Data-parallel, each
+    rank scores its eval batches (`ctx.parallel.mine`) and every rank gets all of them back, so
+    each batch is the one a single process scores."""
     ctx.model.eval()
-    out = []
     size = ctx.settings.eval_batch_size
-    for batch in tqdm(data.batches(size), total=data.num_batches(size),
-                      disable=not ctx.settings.progress, desc=f"eval {data.split.name} {task.name}",
-                      leave=False, dynamic_ncols=True):
+    n = data.num_batches(size)
+    mine = {}
+    for i in tqdm(ctx.parallel.mine(n), disable=not ctx.settings.progress,
+                  desc=f"eval {data.split.name} {task.name}", leave=False, dynamic_ncols=True):
         with autocast(ctx):
-            output = ctx.model(task.name, batch.to(ctx.settings.device)).float()
-        out.append(task.predict(output).cpu())
-    return torch.cat(out).numpy()
+            output = ctx.model(task.name, data.batch(i, size).to(ctx.settings.device)).float()
+        mine[i] = task.predict(output).cpu()
+    return torch.cat(ctx.parallel.gather(mine, n)).numpy()
 
 
 def predict_task(ctx: RunContext, task: Task, data: EncodedSplit,

@@ -110,7 +110,8 @@ class Strategy:
     def begin_phase(self, ctx: RunContext, state: TrainState, index: int) -> None:
         """The phase's start state and initialiser, then its optimizer, LR schedule (over the
         phase's steps: the whole run, or one expert) and fp16 gradient scaler, the method's
-        `start_training`, and the schedule's own start."""
+        `start_training`, the data-parallel wrapper (if several processes train the run) and the
+        schedule's own start."""
         tasks = self.phases(ctx)[index]
         self.split.begin(ctx, index)
         if self.init is not None:
@@ -124,6 +125,7 @@ class Strategy:
                                                     opt.warmup_ratio))
         state.register("scaler", self._scaler(ctx))
         ctx.hooks.start_training(ctx.model, total, ctx.generator)
+        ctx.parallel.begin_phase(ctx.model)  # DDP over the phase's trainable tensors
         self.schedule.begin_phase(ctx, tasks, total)
 
     def _scaler(self, ctx: RunContext):
