@@ -16,7 +16,9 @@ step's loss, `after_step` after each optimizer step (the gradients still there).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -92,15 +94,18 @@ class TrainingStrategy(Protocol):
     def result(self, ctx: RunContext, state: TrainState) -> FitResult: ...
 
 
-def checked_loss(ctx: RunContext, state: TrainState, task: Task, batch) -> torch.Tensor:
-    """The task's loss on one batch (the forward in the run's precision, the loss in fp32); a
-    non-finite loss stops the run with what to do."""
+def share_loss(ctx: RunContext, task: Task, batch, synced: bool = True) -> torch.Tensor:
+    """This process's part of the task's mean loss on a (global) batch: its share of the examples
+    (`ctx.parallel.share`; one process: the whole batch), the forward in the run's precision
+    (through DDP's wrapper when `synced`), the loss in fp32, weighted by the share's fraction of
+    the batch, so that the parts summed over the ranks are the batch's mean loss. `Task.loss` is
+    a mean over the batch."""
+    local, weight = ctx.parallel.share(batch)
+    model = ctx.parallel.module(ctx.model) if synced else ctx.model
     with autocast(ctx):
-        output = ctx.model(task.name, batch)
-    loss = task.loss(output.float(), batch.labels)
-    if not torch.isfinite(loss):
-        raise TrainingError(_non_finite_message(ctx, state, task, loss.item()))
-    return loss
+        output = model(task.name, local)
+    loss = task.loss(output.float(), local.labels)
+    return loss if weight == 1.0 else loss * weight
 
 
 def _non_finite_message(ctx: RunContext, state: TrainState, task: Task, value: float) -> str:
@@ -116,22 +121,33 @@ def _backward(ctx: RunContext, state: TrainState, step: Step,
               combiner) -> list[tuple[Task, float]]:
     """Gradients for one step: one task's loss, or several tasks' combined by the strategy's
     combiner (PCGrad, GradVac, ...); plus the method's extra loss term. Returns each task's
-    loss."""
-    losses = [(task, checked_loss(ctx, state, task, batch)) for task, batch in step]
+    loss on the whole batch (summed over the ranks); a non-finite one stops the run with what to
+    do. Data-parallel: one task's backward runs through DDP, which averages the ranks' gradients
+    (so each rank's part is scaled by the number of ranks); several tasks' gradients are summed
+    over the ranks before the combiner sees them."""
+    synced = len(step) == 1
+    losses = [(task, share_loss(ctx, task, batch, synced)) for task, batch in step]
+    values = ctx.parallel.sum([loss for _, loss in losses])
+    for (task, _), value in zip(losses, values):
+        if not math.isfinite(value):
+            raise TrainingError(_non_finite_message(ctx, state, task, value))
     state.optimizer.zero_grad(set_to_none=True)
-    if len(losses) == 1:
+    world = ctx.parallel.world
+    if synced:
         extra = ctx.hooks.extra_loss(ctx.model)
-        total = losses[0][1] + (extra if extra is not None else 0)
+        total = losses[0][1] * world if world > 1 else losses[0][1]
+        total = total + (extra if extra is not None else 0)
         (state.scaler.scale(total) if state.scaler is not None else total).backward()
     else:
         params = [p for _, p in trainable_params(ctx.model)]
-        combined = combiner.combine(task_gradients([l for _, l in losses], params), ctx.generator)
+        grads = ctx.parallel.sum_gradients(task_gradients([l for _, l in losses], params))
+        combined = combiner.combine(grads, ctx.generator)
         for p, g in zip(params, combined):
             p.grad = g
         extra = ctx.hooks.extra_loss(ctx.model)
         if extra is not None:
             extra.backward()
-    return [(task, loss.item()) for task, loss in losses]
+    return [(task, value) for (task, _), value in zip(losses, values)]
 
 
 def task_gradients(losses: list[torch.Tensor],
@@ -211,11 +227,19 @@ class StopSignals:
     def pending(self) -> bool:
         return self.received is not None
 
-    def hand_on(self, run_dir: Path) -> None:
-        signum, handler = self.received, self.previous.get(self.received)
+    def hand_on(self, run_dir: Path, parallel=None) -> None:
+        """After the checkpoint: to the handler that was there (submitit's requeues the job from
+        rank 0 and exits), then `Preempted`. A rank that got no signal of its own stops because
+        another did; every rank waits for the others first (a barrier that ends when all reach
+        it, or when rank 0 has exited)."""
+        signum = self.received if self.received is not None else signal.SIGTERM
+        handler = self.previous.get(signum)
         self.__exit__()
         if callable(handler):
             handler(signum, None)  # submitit: requeue this job, then exit
+        if parallel is not None:
+            with contextlib.suppress(Exception):  # rank 0 exited (requeued): the group is gone
+                parallel.barrier()
         raise Preempted(f"stopped by {signal.Signals(signum).name} after a checkpoint; continue "
                         f"with: python train.py <the same overrides> resume={run_dir}")
 
@@ -243,8 +267,9 @@ def train(strategy: TrainingStrategy, ctx: RunContext, state: TrainState,
                 if early := out_of_patience(ctx, state, strategy.options, label):
                     break
             every = ctx.settings.checkpoint_every
-            if (every and state.step % every == 0) or stop.pending():
-                _checkpoint(ctx, state, stop)
+            stopping = ctx.parallel.any(stop.pending())  # a signal to any rank stops them all
+            if (every and state.step % every == 0) or stopping:
+                _checkpoint(ctx, state, stop, stopping)
         bar.close()
         if not early:
             score_dev(ctx, state, strategy, tasks, label)
@@ -264,11 +289,15 @@ def fit(strategy: TrainingStrategy, ctx: RunContext) -> FitResult:
         return train(strategy, ctx, state, stop)
 
 
-def _checkpoint(ctx: RunContext, state: TrainState, stop: StopSignals) -> None:
-    """Writes a checkpoint, then hands on a stop signal if one came."""
-    save_checkpoint(state, ctx.model, ctx.generator, ctx.run_dir, ctx.settings.checkpoint_keep)
-    if stop.pending():
-        stop.hand_on(ctx.run_dir)
+def _checkpoint(ctx: RunContext, state: TrainState, stop: StopSignals,
+                stopping: bool | None = None) -> None:
+    """Checks that the ranks agree, writes a checkpoint (every rank's generators in it), then
+    hands on a stop signal if one came (to any rank: `stopping`)."""
+    ctx.parallel.check_in_sync(ctx.model, state)
+    save_checkpoint(state, ctx.model, ctx.generator, ctx.run_dir, ctx.settings.checkpoint_keep,
+                    ctx.parallel)
+    if ctx.parallel.any(stop.pending()) if stopping is None else stopping:
+        stop.hand_on(ctx.run_dir, ctx.parallel)
 
 
 def _advance(strategy: TrainingStrategy, ctx: RunContext, state: TrainState, n_phases: int,

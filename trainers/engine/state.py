@@ -7,7 +7,8 @@ never a generator to replay), the best score so far, the history and the running
 plots, and a registry of the stateful objects the run trains with, saved and restored by name
 (optimizer, LR scheduler, fp16 scaler, the PEFT method's hooks, the gradient combiner). A
 checkpoint adds every random number generator (the run's `torch.Generator`, torch's CPU and CUDA
-generators, Python's, NumPy's) and the model's trained tensors. All of it is plain tensors and
+generators, Python's, NumPy's: every rank's, in a data-parallel run) and the model's trained
+tensors. All of it is plain tensors and
 values, so a checkpoint loads with `torch.load(weights_only=True)`.
 
 Checkpoints are `checkpoints/checkpoint-<n>.pt`, written atomically (`common.durable`), the
@@ -28,6 +29,7 @@ import torch
 from minbert.peft import adapter_state_dict
 from common.durable import atomic_write
 from common.errors import CheckpointError
+from trainers.engine.parallel import SINGLE, Replicas
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -152,29 +154,45 @@ class TrainState:
             obj.load_state_dict(sd["objects"][name])
 
 
-def checkpoint_state(state: TrainState, model: torch.nn.Module,
-                     generator: torch.Generator) -> dict:
-    """What a checkpoint holds: the state, the model's trained tensors and every generator."""
+def checkpoint_state(state: TrainState, model: torch.nn.Module, generator: torch.Generator,
+                     parallel: Replicas = SINGLE) -> dict:
+    """What a checkpoint holds: the state, the model's trained tensors and every generator of
+    every rank (`rng`, by rank: a data-parallel run's ranks draw dropout masks for different
+    examples, so their generators differ). The state is rank 0's: every rank holds the same."""
     return {"state": state.state_dict(),
             "model": {n: t.detach().clone() for n, t in adapter_state_dict(model).items()},
-            "rng": rng_state(generator),
-            "meta": {"torch": str(torch.__version__), "threads": torch.get_num_threads()}}
+            "rng": parallel.gather_objects(rng_state(generator)),
+            "meta": _meta(parallel)}
+
+
+def _meta(parallel: Replicas) -> dict:
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "world_size": parallel.world}
 
 
 def restore_checkpoint(sd: dict, state: TrainState, model: torch.nn.Module,
-                       generator: torch.Generator) -> None:
-    """Puts a checkpoint back: the state and its objects, the model's tensors, the generators."""
+                       generator: torch.Generator, parallel: Replicas = SINGLE) -> None:
+    """Puts a checkpoint back: the state and its objects, the model's tensors, this rank's
+    generators. A checkpoint resumes with the number of processes that wrote it."""
+    saved = sd["meta"].get("world_size", 1)
+    if saved != parallel.world:
+        raise CheckpointError(
+            f"the run's checkpoint was written by {saved} process(es) and this resume has "
+            f"{parallel.world}: each process's random generators are in it, so resume with the "
+            f"same number: " + ("python train.py ..." if saved == 1 else
+                                f"torchrun --nproc_per_node={saved} train.py ..."))
     state.load_state_dict(sd["state"])
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():
         for name, t in sd["model"].items():
             tensors[name].copy_(t)
-    set_rng_state(generator, sd["rng"])
-    _check_meta(sd["meta"])
+    rngs = sd["rng"] if isinstance(sd["rng"], list) else [sd["rng"]]
+    set_rng_state(generator, rngs[parallel.rank])
+    _check_meta({"world_size": 1, **sd["meta"]}, parallel)
 
 
-def _check_meta(meta: dict) -> None:
-    now = {"torch": str(torch.__version__), "threads": torch.get_num_threads()}
+def _check_meta(meta: dict, parallel: Replicas) -> None:
+    now = _meta(parallel)
     if meta != now:
         log.warning("the checkpoint was written with torch %s on %s threads, this process has "
                     "torch %s on %s threads: the resumed run is valid but will not match an "
@@ -189,15 +207,17 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(state: TrainState, model: torch.nn.Module, generator: torch.Generator,
-                    run_dir: Path, keep: int = 2) -> Path:
+                    run_dir: Path, keep: int = 2, parallel: Replicas = SINGLE) -> Path:
     """Writes the state, the model's trained tensors and the generators as the newest checkpoint,
-    atomically, then deletes all but `keep`."""
+    atomically, then deletes all but `keep` (rank 0 writes and deletes; every rank sends it its
+    generators)."""
     state.saves += 1
     path = Path(run_dir) / CHECKPOINTS / f"checkpoint-{state.saves:06d}.pt"
-    sd = checkpoint_state(state, model, generator)
+    sd = checkpoint_state(state, model, generator, parallel)
     atomic_write(path, lambda f: torch.save(sd, f), fault="checkpoint-write")
-    for old in checkpoint_files(run_dir)[:-max(1, keep)]:
-        old.unlink(missing_ok=True)
+    if parallel.main:
+        for old in checkpoint_files(run_dir)[:-max(1, keep)]:
+            old.unlink(missing_ok=True)
     return path
 
 
