@@ -6,6 +6,7 @@
     python train.py debug=smoke                       # seconds-long end-to-end check
     python train.py -m experiment=table2 scale=cpu    # a report table's grid (make_tables.py)
     python train.py debug=fast resume=outputs/runs/2026-12-02/10-00-00   # continue a killed run
+    torchrun --standalone --nproc_per_node=2 train.py peft=lora   # one run, data-parallel (DDP)
 
 Each run writes run.json (its tasks), history.jsonl, predictions/ and, last, metrics.json to its
 run dir, with its best weights: adapter.safetensors for the one-model strategies (sequential,
@@ -25,6 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from common.errors import ConfigError, MinbertError
+from trainers.engine.build import resolve_device
+from trainers.engine.launch import agree_run_dir, check_launcher, rank_overrides
+from trainers.engine.parallel import start as start_processes
 from trainers.engine.record import RUN_FILE
 from trainers.engine.run import run
 from trainers.engine.sweeps import FAILED_RUNS, label_run, record_failure
@@ -37,21 +41,24 @@ def main(cfg: DictConfig) -> float:
     """Runs one job; returns dev/overall, the objective of sweeps (-inf for a failed job)."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    output_dir = hydra_cfg.runtime.output_dir
     try:
         check_task_keys(list(hydra_cfg.overrides.task))
+        check_launcher(hydra_cfg.launcher.get("_target_") if multirun else None)
+        output_dir = agree_run_dir(output_dir, start_processes(resolve_device(cfg.device))[0])
     except ConfigError as e:
         if multirun:
-            return record_failure(hydra_cfg.runtime.output_dir, e)
+            return record_failure(output_dir, e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     label_run(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.sweep.dir if multirun else None,
               hydra_cfg.job.override_dirname)
     try:
-        return run(cfg, run_dir(cfg, multirun, hydra_cfg.runtime.output_dir))
+        return run(cfg, run_dir(cfg, multirun, output_dir))
     except Exception as e:
         if multirun:  # one failed job must not stop (or lose) the others
             direction = hydra_cfg.sweeper.get("direction", "maximize")
-            return record_failure(hydra_cfg.runtime.output_dir, e, str(direction))
+            return record_failure(output_dir, e, str(direction))
         if not isinstance(e, MinbertError):
             raise  # a bug: keep its traceback
         log.error("%s", e)  # bad input: one clear message, no traceback
@@ -87,6 +94,7 @@ def run_dir(cfg: DictConfig, multirun: bool, output_dir: str) -> str:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = rank_overrides(sys.argv[1:])  # torchrun: Hydra's files from rank 0 alone
     main()
     if FAILED_RUNS:
         print(f"error: {len(FAILED_RUNS)} run(s) of the multirun failed; each run dir has an "

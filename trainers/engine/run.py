@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+
+import torch
 
 from omegaconf import DictConfig, OmegaConf
 
 from common.durable import RunLock, fault_point, write_json
+from common.errors import ConfigError
 from minbert.peft import check_mergeable, param_counts
 from tasks.data import load_task_data
 from tasks.download import data_root
@@ -26,7 +30,9 @@ from trainers.engine.build import (build, build_method, build_model, encode_data
 from minbert.peft.contract import training_hooks
 from trainers.engine.context import RunContext, Settings, TaskWeights
 from trainers.engine.evaluate import evaluate, predict_task, write_predictions
+from trainers.engine.loggers import NullLogger
 from trainers.engine.loop import FitResult, StopSignals, train
+from trainers.engine.parallel import Replicas, start as start_processes
 from trainers.engine.scoring import write_history
 from trainers.engine.memory import PeakMemory, memory_metrics
 from trainers.engine.plots import plot_training
@@ -40,39 +46,53 @@ METRICS_FILE = "metrics.json"
 
 
 def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None,
-          tasks: list | None = None):
+          tasks: list | None = None, parallel: Replicas | None = None,
+          device: torch.device | None = None):
     """Everything a run trains with, built before any training so that bad input fails early:
     (the trainer, the logger, the RunContext: model, tasks, encoded data, ...). `precision`: the
-    one to compute in (`run` passes the resolved one; None: `cfg.precision` resolved here)."""
+    one to compute in (`run` passes the resolved one; None: `cfg.precision` resolved here).
+    `parallel`, `device`: the run's processes and this one's device (`trainers.engine.parallel.
+    start`; None: started here)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if parallel is None:
+        parallel, device = start_processes(resolve_device(cfg.device))
+    if parallel.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     generator = seed_everything(cfg.seed)
     trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
+    logger = logger if parallel.main else NullLogger()  # one W&B run: rank 0's
+    check_batch(cfg.data.batch_size, parallel)
     tasks = run_tasks(cfg, trainer) if tasks is None else tasks
     method = build_method(cfg)
     if trainer.merges:
         check_mergeable(method, trainer.merges)  # before any data is read or a step is taken
     raw = load_task_data(tasks, data_root(cfg, tasks), cfg.data.limit_train, cfg.data.limit_eval,
                          cfg.data.get("cache_dir"))
-    device = resolve_device(cfg.device)
     if precision is None:
         precision, _ = resolve_precision(cfg.get("precision", "fp32"), device)
     model = build_model(cfg, tasks, method).to(device)
     checkpoint = cfg.get("checkpoint") or {}
     settings = Settings(run_dir, cfg.data.batch_size, cfg.data.eval_batch_size, device,
-                        cfg.progress, cfg.optim.state_bits,
+                        cfg.progress and parallel.main, cfg.optim.state_bits,
                         checkpoint_every=int(checkpoint.get("every_n_steps", 0) or 0),
                         checkpoint_keep=int(checkpoint.get("keep", 2)), precision=precision)
     ctx = RunContext(model, tasks, encode_data(cfg, model, raw), settings, logger, generator,
-                     method, training_hooks(method))
+                     method, training_hooks(method), parallel)
     return trainer, logger, ctx
+
+
+def check_batch(batch_size: int, parallel: Replicas) -> None:
+    if batch_size < parallel.world:
+        raise ConfigError(f"data.batch_size={batch_size} is the global batch, shared by the run's "
+                          f"{parallel.world} processes: give at least one example to each")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> float:
     """Trains and evaluates one configuration (or continues it from its newest checkpoint);
     returns dev/overall, the sweep objective."""
     run_dir = Path(run_dir)
-    with RunLock(run_dir):
+    parallel, device = start_processes(resolve_device(cfg.device))
+    with RunLock(run_dir) if parallel.main else nullcontext():  # rank 0 holds the run
         record = read_record(run_dir)
         tasks = run_tasks(cfg, build(cfg.trainer, "trainer"))
         if record is not None:
@@ -82,11 +102,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float:
                 log.info("%s has finished already (dev/overall %.4f): nothing to do", run_dir,
                          score)
                 return score
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed attempt's, now stale
-        precision = run_precision(cfg.get("precision", "fp32"), resolve_device(cfg.device),
-                                  record)
+        parallel.barrier()  # every rank has read the run's files before rank 0 writes any
+        if parallel.main:
+            (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed attempt's, now stale
+        precision = run_precision(cfg.get("precision", "fp32"), device, record)
         log.info("%s", precision[1])
-        trainer, logger, ctx = setup(cfg, run_dir, precision[0], tasks)
+        trainer, logger, ctx = setup(cfg, run_dir, precision[0], tasks, parallel, device)
         state = TrainState()
         resumed = restore(trainer, ctx, state)
         wandb_id = logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir,
@@ -106,7 +127,7 @@ def restore(trainer, ctx: RunContext, state: TrainState) -> bool:
     trainer.begin_phase(ctx, state, min(state.phase, len(trainer.phases(ctx)) - 1))
     if sd is None:
         return False
-    restore_checkpoint(sd, state, ctx.model, ctx.generator)
+    restore_checkpoint(sd, state, ctx.model, ctx.generator, ctx.parallel)
     write_history(ctx.run_dir, state.history)  # back to what the checkpoint knew
     return True
 
@@ -127,7 +148,8 @@ def train_and_finish(trainer, logger, ctx: RunContext, state: TrainState) -> flo
         ok = True
     finally:
         logger.finish(ok)
-    shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)  # finished: metrics.json says so
+    if ctx.parallel.main:  # finished: metrics.json says so
+        shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)
     return metrics["dev/overall"]
 
 

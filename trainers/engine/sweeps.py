@@ -19,6 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
+from common.distributed import is_main
 from common.errors import MinbertError
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ def record_failure(run_dir: str | Path, error: BaseException, direction: str = "
     follows) and returns the objective of a failed job: the worst value for `direction` (-inf when
     maximising). Not NaN: Optuna rejects a NaN objective by failing the whole search."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     bad_input = isinstance(error, MinbertError)
     message = str(error) if bad_input else f"{type(error).__name__}: {error}"
     text = message.splitlines()[0] if message else type(error).__name__
@@ -69,7 +69,9 @@ def record_failure(run_dir: str | Path, error: BaseException, direction: str = "
         log.exception("run failed: %s", message)
     else:
         log.error("run failed: %s", message)
-    (run_dir / ERROR_FILE).write_text(text + "\n")
+    if is_main():  # a data-parallel run's rank 0 writes its files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).write_text(text + "\n")
     return float("inf") if direction == "minimize" else float("-inf")
 
 
