@@ -5,8 +5,9 @@ PEFT method and every strategy trains under DDP in a sweep (on the tiny random e
 near-constant STS predictions make the Pearson correlation ill-conditioned, so its metrics are
 held to 1e-4 and its losses to 1e-5). A 2-process run killed at a random step (one rank, or a
 preemption signal to one rank) resumes to the uninterrupted 2-process run's files byte for byte;
-resuming with another number of processes is refused. One metrics.json, one W&B run and one set
-of predictions per run."""
+resuming with another number of processes is refused. The same run as a submitit job of two
+tasks (`hydra/launcher=local_ddp`, slurm_ddp's code path), preempted and requeued, ends as the
+torchrun run does. One metrics.json, one W&B run and one set of predictions per run."""
 from __future__ import annotations
 
 import json
@@ -166,6 +167,24 @@ def test_a_preemption_signal_to_one_rank_stops_both_after_one_checkpoint(
     assert (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.json").exists()
     launch(kill_args(kill_root, run_dir), 2)
     assert_identical(run_dir, two_process_reference)
+
+
+def test_a_submitit_ddp_job_preempted_and_requeued_ends_as_the_torchrun_run(
+        kill_root, two_process_reference, tmp_path):
+    """`hydra/launcher=local_ddp` (slurm_ddp's code path on submitit's local executor): the job's
+    two tasks join one process group from submitit's environment and train what torchrun's two
+    processes train. USR2 to both tasks at step 12 of 18 (a Slurm preemption): a checkpoint,
+    submitit's handler requeues the job from rank 0, and the requeued tasks resume it to the
+    uninterrupted torchrun run's files; only rank 0 wrote the log."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in kill_args(kill_root, tmp_path) if not a.startswith("hydra.run.dir=")]
+    proc = launch(["-m", "hydra/launcher=local_ddp", *args, f"hydra.sweep.dir={sweep}"], 1,
+                  fault="step@12:USR2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    assert "this job is preempted" in logs and "Requeued job" in logs, logs[-3000:]
+    assert_identical(sweep / "0", two_process_reference)
+    assert (sweep / "0" / "train.log").read_text().count("process group: 2 ranks over gloo") == 2
 
 
 def test_a_launcher_that_starts_its_own_processes_is_refused_under_torchrun(

@@ -237,15 +237,22 @@ def start(device: torch.device) -> tuple[Replicas, torch.device]:
     GPUs) and this rank's device: `device=cuda`/`auto` becomes cuda:<local rank>."""
     if launched_world() == 1:
         return SINGLE, device
-    if "SUBMITIT_FOLDER" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+    if "SUBMITIT_FOLDER" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ \
+            and not dist.is_initialized():  # the job's rendezvous, from Slurm's (or submitit's)
         import submitit
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                              overwrite=True)
     if device.type == "cuda":
         if device.index is not None:
             raise ConfigError(f"device={device}: in a data-parallel run each rank uses the GPU of "
                               "its local rank; give device=cuda or device=auto")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"rank with local rank {local} sees {torch.cuda.device_count()} "
+                              "GPU(s): start one process per GPU (torchrun --nproc_per_node, or "
+                              "hydra.launcher.tasks_per_node equal to gpus_per_node)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
