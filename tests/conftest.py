@@ -31,6 +31,19 @@ def pytest_runtest_makereport(item, call):
         report.outcome, report.longrepr = "failed", f"skipped under MINBERT_FORBID_SKIPS=1: {reason}"
 
 
+def cpu_family() -> str:
+    """The CPU kernel family that stored float results are keyed by: torch's kernel level
+    (`get_cpu_capability()`: AVX2, AVX512, ...), with "+AMX" on a CPU with AMX tiles. The same
+    code rounds differently on each: an AMX Xeon and an AVX512 EPYC, both AVX512 to torch, gave 28
+    of the 60 stored preset metrics differently (up to 9.7e-6)."""
+    import torch
+
+    from trainers.engine.precision import cpu_flags
+
+    amx = bool({"amx_tile", "amx_bf16"} & (cpu_flags() or set()))
+    return torch.backends.cpu.get_cpu_capability() + ("+AMX" if amx else "")
+
+
 def real_data_root() -> Path | None:
     for candidate in (os.environ.get("MINBERT_DATA"), REPO.parent / "shared" / "data" / "cs224n"):
         if candidate and (Path(candidate) / "ids-sst-train.csv").is_file():

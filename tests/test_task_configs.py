@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_family
 
 STORED = json.loads((REPO / "tests" / "stored" / "preset_metrics.json").read_text())
 
@@ -23,7 +23,6 @@ def test_report_presets_give_their_stored_metrics(data_root):
     order. On a CPU kernel family that has stored numbers they agree to float rounding (scipy's
     Pearson against numpy's), nothing more; on another family, within CROSS_MACHINE of each
     stored family's (the kernels round differently, and training amplifies it)."""
-    import torch
     import os
     import subprocess
     import sys
@@ -33,7 +32,7 @@ def test_report_presets_give_their_stored_metrics(data_root):
                           env={**os.environ, "MINBERT_DATA": str(data_root)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    family = torch.backends.cpu.get_cpu_capability()
+    family = cpu_family()
     exact = family in STORED
     for stored_family, stored in STORED.items():
         if exact and stored_family != family:

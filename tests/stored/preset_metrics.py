@@ -6,7 +6,7 @@ to how tasks are defined, read, tokenized or scored can be checked to give the s
     python tests/stored/preset_metrics.py --print    # prints them as JSON (the test's check)
 
 Run it only when a change is meant to alter these numbers, and say why in the commit. The numbers
-are stored per CPU kernel family (`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...):
+are stored per CPU kernel family (`conftest.cpu_family()`: AVX512, AVX512+AMX, AVX2, ...):
 the same code rounds differently on each, and training amplifies it (2.1e-5 in one Pearson between
 AVX512 and AVX2); writing stores this machine's family beside the others."""
 from __future__ import annotations
@@ -59,18 +59,14 @@ def all_jobs() -> dict:
     return out
 
 
-def cpu_family() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def main() -> None:
     metrics = all_jobs()
     if "--print" in sys.argv:  # the check: the metrics as JSON on stdout, nothing stored
         print(json.dumps(metrics))
     else:
         stored = json.loads(STORE.read_text()) if STORE.is_file() else {}
+        from conftest import cpu_family
+
         stored[cpu_family()] = metrics
         STORE.write_text(json.dumps(dict(sorted(stored.items())), indent=1) + "\n")
 
