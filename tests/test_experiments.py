@@ -26,7 +26,7 @@ def test_groups_of_the_experiments(compose_cfg):
     assert options("scale") == ["cpu", "full", "smoke"]
     assert len(options("table2")) == 8 and len(options("table3")) == 9
     assert options("sweep") == ["optuna_dora", "optuna_lora"]
-    assert options("hydra/launcher") == ["local", "parallel", "slurm"]
+    assert options("hydra/launcher") == ["local", "local_ddp", "parallel", "slurm", "slurm_ddp"]
 
 
 def composition(cfg) -> tuple[str, str, str]:

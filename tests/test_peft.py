@@ -74,6 +74,12 @@ def test_only_the_intended_parameters_train(method):
 @layered_ids
 @model_ids
 def test_merged_equals_unmerged_and_unmerge_restores_w0(method, model):
+    """Merged and unmerged differ by fp32 rounding only: W + sBA rounds otherwise than W and sBA
+    apart, and six LayerNorms carry it (up to 1.4e-5 on MiniLM's outputs of up to 2.2, rsLoRA on
+    every linear layer), so the bound is relative as well as absolute; a wrong merge misses by
+    orders of magnitude more. The adapter's init is seeded: the case does not depend on the
+    tests that ran before it."""
+    torch.manual_seed(0)
     encoder = adapted(method, model)
     perturb(encoder)
     frozen = {n: p.clone() for n, p in encoder.named_parameters() if not p.requires_grad}
@@ -84,7 +90,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_w0(method, model):
             assert all(layer.merged for _, layer in adapter_layers(encoder))
             merged_out = hidden(encoder, b)
         again = hidden(encoder, b)
-    assert (merged_out - unmerged_out).abs().max() < 1e-5
+    torch.testing.assert_close(merged_out, unmerged_out, rtol=1e-5, atol=1e-5)
     assert (merged_out - unmerged_out).abs().max() > 0 or method == "vera"  # really merged
     assert torch.equal(again, unmerged_out)
     assert all(torch.equal(p, frozen[n]) for n, p in encoder.named_parameters() if n in frozen)
