@@ -2,8 +2,8 @@
 """Data-parallel scaling: training examples per second of one run trained by 1 process and by N
 (`torchrun`, gloo on the CPU, NCCL on GPUs), each process with `--threads` threads, and the ratio.
 
-    python scripts/bench_ddp.py                 # 1 vs 2 processes, one thread each, MiniLM, ~4 min
-    python scripts/bench_ddp.py --quick         # one round of 8 steps: ~1.5 minutes
+    python scripts/bench_ddp.py                 # 1 vs 2 processes, one thread each, MiniLM: ~3 min
+    python scripts/bench_ddp.py --quick         # one round of 8 steps: ~70 s
     python scripts/bench_ddp.py --procs 1 2 4 --peft lora --batch-size 32
 
 Each measurement is a fresh `torchrun --nproc_per_node=N` of this script's worker, which builds
