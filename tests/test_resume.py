@@ -44,11 +44,13 @@ def launch(root: Path, run_dir: Path, *overrides: str, fault: str | None = None,
 
 
 def outputs(run_dir: Path) -> dict[str, bytes | dict]:
-    """What must be identical: every file of record, metrics.json without the measured peak."""
+    """What must be identical: every file of record, metrics.json without the measured peak and
+    throughput."""
     files = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
              if p.is_file() and (p.suffix in (".safetensors", ".csv", ".jsonl"))}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("memory/peak_bytes")
+    metrics.pop("train/examples_per_s", None)  # a resumed run measured only its own steps
     return {**files, "metrics.json": metrics}
 
 

@@ -18,7 +18,8 @@ from trainers.engine.run import build_model, run
 METRIC_KEYS = {"sst/dev/acc", "para/dev/acc", "sts/dev/pearson", "dev/overall",
                "params/trainable", "params/total", "params/updated_pct",
                "memory/param_bytes", "memory/trainable_param_bytes", "memory/grad_bytes",
-               "memory/optimizer_state_bytes", "memory/peak_bytes"}
+               "memory/optimizer_state_bytes", "memory/peak_bytes", "train/examples_per_s",
+               "adapter/file_bytes"}
 
 
 @pytest.mark.parametrize("heads", ["concat", "separate", "joint"])
@@ -38,6 +39,8 @@ def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthe
     # torch AdamW: exp_avg and exp_avg_sq per parameter, and a float32 tensor `step` per tensor
     assert metrics["memory/optimizer_state_bytes"] == 2 * 4 * metrics["params/total"] + 4 * n_tensors
     assert metrics["memory/peak_bytes"] >= 0  # RSS growth during training; 0 if none
+    assert metrics["train/examples_per_s"] > 0
+    assert metrics["adapter/file_bytes"] == (tmp_path / "run" / "adapter.safetensors").stat().st_size
     for name in ["sst-dev", "sst-test", "para-dev", "para-test", "sts-dev", "sts-test"]:
         lines = (tmp_path / "run" / "predictions" / f"{name}-output.csv").read_text().splitlines()
         assert lines[0].startswith("id \t Predicted_") and len(lines) == 41
@@ -145,3 +148,22 @@ def test_cli_unknown_choice_lists_valid_ones(tmp_path):
     p = _train("peft=lorax", f"hydra.run.dir={tmp_path}")
     assert p.returncode != 0
     assert "Could not find 'peft/lorax'" in p.stderr and "none" in p.stderr
+
+
+def test_throughput_counts_every_training_example_once(compose_cfg, synthetic_root, tmp_path):
+    """`train/examples_per_s` is the examples the steps trained over the steps' time: two epochs
+    of sequential training see every training example twice, and nothing else is counted."""
+    from trainers.engine.loop import StopSignals, train
+    from trainers.engine.run import cost_metrics, setup
+    from trainers.engine.state import TrainState
+
+    cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=2"))
+    trainer, _, ctx = setup(cfg, tmp_path)
+    state = TrainState()
+    trainer.start(ctx, state)
+    trainer.begin_phase(ctx, state, 0)
+    with StopSignals() as stop:
+        train(trainer, ctx, state, stop)
+    examples, seconds = state.throughput
+    assert examples == 2 * sum(len(d) for d in ctx.data["train"].values()) == 240
+    assert cost_metrics(tmp_path, state)["train/examples_per_s"] == examples / seconds

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -259,7 +260,10 @@ def train(strategy: TrainingStrategy, ctx: RunContext, state: TrainState,
         ctx.model.train()
         early = False
         while (step := strategy.next_step(ctx, state, tasks)) is not None:
+            start = time.perf_counter()
             train_step(ctx, state, step, strategy, per_epoch * epochs)
+            state.throughput[0] += sum(len(batch) for _, batch in step)  # the global batch
+            state.throughput[1] += time.perf_counter() - start
             bar.update(1)
             if evaluates_now(strategy.options, state, per_epoch):
                 score_dev(ctx, state, strategy, tasks, label, mid_epoch=True)

@@ -143,7 +143,8 @@ def train_and_finish(trainer, logger, ctx: RunContext, state: TrainState) -> flo
             result = train(trainer, ctx, state, stop)
         counts = result.param_counts or counts  # experts: every expert's tensors count
         memory = memory_metrics(ctx.model, state.optimizer, peak.bytes)
-        metrics = finish(ctx, result, {**counts, **memory}, state.losses)
+        measured = {**counts, **memory, **cost_metrics(ctx.run_dir, state)}
+        metrics = finish(ctx, result, measured, state.losses)
         logger.summary(metrics)
         ok = True
     finally:
@@ -151,6 +152,18 @@ def train_and_finish(trainer, logger, ctx: RunContext, state: TrainState) -> flo
     if ctx.parallel.main:  # finished: metrics.json says so
         shutil.rmtree(ctx.run_dir / CHECKPOINTS, ignore_errors=True)
     return metrics["dev/overall"]
+
+
+def cost_metrics(run_dir: Path, state: TrainState) -> dict[str, float]:
+    """What a run costs beside its parameters and memory: `train/examples_per_s`, training
+    examples per second of optimizer steps (forward, backward, step; not evaluation or
+    checkpoints), measured over the steps this process trained (a resumed run: since it resumed;
+    absent if it trained none), and `adapter/file_bytes`, the size of the weights it saved
+    (adapter.safetensors, or the experts' and merged files)."""
+    examples, seconds = state.throughput
+    out = {"train/examples_per_s": examples / seconds} if seconds > 0 else {}
+    out["adapter/file_bytes"] = sum(p.stat().st_size for p in run_dir.rglob("*.safetensors"))
+    return out
 
 
 def method_reports(ctx: RunContext, weights: TaskWeights) -> dict[str, float]:

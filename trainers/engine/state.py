@@ -105,6 +105,8 @@ class TrainState:
     losses: list[tuple[int, str, float]] = field(default_factory=list)  # for the plots
     epoch_losses: dict[str, list[float]] = field(default_factory=dict)  # task -> [sum, count]
     objects: dict[str, Stateful] = field(default_factory=dict)
+    # measured in this process, not checkpointed: [examples, seconds] of its training steps
+    throughput: list[float] = field(default_factory=lambda: [0, 0.0])
 
     def register(self, name: str, obj: Stateful | None) -> None:
         """Keeps `obj` under `name` (None: drops the name), replacing what was there."""
