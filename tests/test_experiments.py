@@ -22,7 +22,7 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
 
 
 def test_groups_of_the_experiments(compose_cfg):
-    assert options("experiment") == ["figure2", "table1", "table2", "table3"]
+    assert options("experiment") == ["figure2", "table1", "table2", "table3", "zoo"]
     assert options("scale") == ["cpu", "full", "smoke"]
     assert len(options("table2")) == 8 and len(options("table3")) == 9
     assert options("sweep") == ["optuna_dora", "optuna_lora"]
@@ -121,9 +121,17 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith("." + target)
 
 
-@pytest.mark.slow  # about a minute: 1 + 18 + 24 + 9 smoke runs
+def test_the_zoo_sweeps_every_peft_choice_with_one_strategy(compose_cfg):
+    """A new conf/peft file joins the zoo or this fails: the sweep lists every choice."""
+    assert sweep_params("zoo") == {"peft": options("peft")}
+    cfg = compose_cfg(["experiment=zoo", "peft=vera"])
+    assert composition(cfg) == ("Sampled", "sum", "KeepBest") and cfg.heads.design == "joint"
+    assert cfg.trainer.optimizer.lr == cfg.peft.lr and cfg.experiment_name == "zoo"
+
+
+@pytest.mark.slow  # about a minute and a half: 1 + 18 + 24 + 9 + 20 smoke runs
 @pytest.mark.parametrize("experiment,runs", [("table1", 1), ("figure2", 18), ("table2", 24),
-                                             ("table3", 9)])
+                                             ("table3", 9), ("zoo", 20)])
 def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, experiment, runs):
     sweep = tmp_path / "sweep"
     train_cli("-m", f"experiment={experiment}", "scale=smoke",
