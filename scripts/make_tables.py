@@ -5,6 +5,7 @@ own numbers, and a generic table (`tasks`) for runs on other tasks.
     python scripts/make_tables.py <sweep> <another sweep> --table 2 3 --out report/tables
     python scripts/make_tables.py <table3 sweep> --reference report    # ours beside the report's
     python scripts/make_tables.py <sweep with tasks=[sst,para,sts,cfimdb]> --table tasks
+    python scripts/make_tables.py <experiment=zoo sweep> --table zoo        # and zoo-pareto.png
 
 A run is any folder below the given ones with `.hydra/config.yaml`. A run on the report's tasks
 (sst, para and sts: `tasks`, or an older run's `order.tasks`; or one of them alone, trainer=single)
@@ -15,7 +16,8 @@ primary metric (`reports/tables/task_table.py`). Finished runs have `metrics.jso
 mean ± sample std over its runs (seeds). Each table is printed as Markdown and written as
 `table{N}.md`, `.csv` and `.tex` (tasks.md, .csv and .tex for the tasks table) into --out (default:
 `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as `figure2.md/csv/tex` and
-`figure2.png`. A missing, failed (`error.txt`) or unfinished run leaves a gap, and a note under
+`figure2.png`; the zoo (`experiment=zoo`: every PEFT method, its scores and costs) as
+`zoo.md/csv/tex` and its Pareto plot `zoo-pareto.png`. A missing, failed (`error.txt`) or unfinished run leaves a gap, and a note under
 the table names it. `--reference report` prints, under each table, the report's published dev
 numbers (bert-base, 10 epochs) beside ours, cell for cell, with the difference, and writes it as
 `<table>-vs-report.md`; `--reference FILE.csv` uses other numbers.
@@ -29,28 +31,28 @@ from pathlib import Path
 
 from reports.tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, beside,
                             build_tables, collect_runs, figure2, load_reference, markdown,
-                            table_of, write_table)
+                            table_of, write_table, zoo_pareto)
 
 
 def table_name(value: str) -> str:
     """`2` or `table2` -> `table2`; `figure2` and `tasks` stay."""
     name = f"table{value}" if value.isdigit() else value
     if name not in LAYOUTS:
-        raise argparse.ArgumentTypeError(f"{value!r}: use 1, 2, 3, figure2 or tasks")
+        raise argparse.ArgumentTypeError(f"{value!r}: use 1, 2, 3, figure2, tasks or zoo")
     return name
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Tables 1-3 and Figure 2 from Hydra runs, and the tasks table for runs on "
-                    "other tasks.")
+        description="Tables 1-3 and Figure 2 from Hydra runs, the tasks table for runs on "
+                    "other tasks, and the zoo of PEFT methods.")
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
                         help="sweep or run folders, searched recursively for .hydra/config.yaml")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the tables (default: <first DIR>/tables)")
     parser.add_argument("--table", type=table_name, nargs="+", action="extend",
-                        help="only these tables: 1, 2, 3, figure2, tasks (default: every one "
-                             "with runs)")
+                        help="only these tables: 1, 2, 3, figure2, tasks, zoo (default: every "
+                             "one with runs)")
     parser.add_argument("--reference", metavar="NAME|CSV",
                         help=f"print published numbers beside ours: {', '.join(REFERENCES)} "
                              "(the report's), or a CSV of the same columns")
@@ -90,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += write_table(table, out_dir)
         if table.layout.name == "figure2":
             written.append(figure2(table, out_dir / "figure2.png"))
+        if table.layout.name == "zoo":
+            written.append(zoo_pareto(table, out_dir / "zoo-pareto.png"))
         side = beside(table, reference) if reference else None
         if side:
             print(side)

@@ -3,6 +3,9 @@ the grid the report describes, and every preset runs end to end at smoke scale (
 subprocess, on the synthetic data set), with a failing job reported without losing the others."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 # The sweep extra's plugins, imported so that a missing one fails here instead of skipping.
@@ -143,6 +146,14 @@ def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, exper
     for run in done:
         assert 0.0 <= run["metrics"]["dev/overall"] <= 1.0
         assert run["metrics"]["params/trainable"] > 0
+    if experiment == "zoo":  # its table: a row per method, each with its costs
+        proc = subprocess.run([sys.executable, "scripts/make_tables.py", str(sweep), "--table",
+                               "zoo"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+        assert sorted(row.split(" | ")[0][2:].split(" ")[0] for row in rows) == options("peft")
+        assert all(" / s | " in row and "MiB" in row for row in rows)
+        assert (sweep / "tables" / "zoo-pareto.png").is_file()
 
 
 def test_failed_job_is_reported_and_the_others_kept(tmp_path, shared_synthetic_root):

@@ -1,7 +1,8 @@
 """Building a table from its runs: each run placed in its layout's row and slot, each cell the mean
 and sample std over the row's finished runs (one a seed), with notes naming every missing or
 failed cell, runs left out, and settings the runs should share but don't. `LAYOUTS` is every
-table by name: the report's four and the generic `tasks` one, whose columns fit its runs' tasks."""
+table by name: the report's four, the generic `tasks` one, whose columns fit its runs' tasks, and
+the zoo of every PEFT method (`experiment=zoo`)."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -10,8 +11,9 @@ from collections.abc import Iterable
 from .collect import Run, declared_table, natural_key, table_of
 from .layouts import REPORT_LAYOUTS, TASK_TITLES, Cell, Layout, Row, RowKey, Table, plural
 from .task_table import TASKS, tasks_layout
+from .zoo import ZOO
 
-LAYOUTS: dict[str, Layout] = {**REPORT_LAYOUTS, TASKS.name: TASKS}
+LAYOUTS: dict[str, Layout] = {**REPORT_LAYOUTS, TASKS.name: TASKS, ZOO.name: ZOO}
 
 Groups = dict[RowKey, dict[str, list[Run]]]
 

@@ -23,6 +23,7 @@ INCOMPLETE = "no metrics.json (still running or killed)"
 RUN_FILE = "run.json"  # trainers.engine.record's: the tasks a run trains, each with its config
 REPORT_TASKS = ("sst", "para", "sts")  # the tasks of the report's tables
 REPORT_TABLES = ("table1", "table2", "table3", "figure2")
+DECLARED_TABLES = (*REPORT_TABLES, "zoo")  # the experiment presets' own tables
 METRIC_KEYS = {"accuracy": "acc"}  # as tasks.metrics.key: `<task>/dev/acc` for accuracy
 
 
@@ -40,6 +41,7 @@ class Run:
     metrics: dict[str, float]
     problem: str = ""  # failed or incomplete: error.txt's first line, or INCOMPLETE
     task_metrics: dict[str, str] = field(default_factory=dict)  # task -> run.json's `metric`
+    choices: dict[str, str] = field(default_factory=dict)  # Hydra's group choices: peft -> dora
 
     @property
     def finished(self) -> bool:
@@ -85,9 +87,10 @@ class Run:
 
 
 def declared_table(run: Run) -> str | None:
-    """The report table a run's `experiment_name` names (a sweep of `experiment=tableN`), if any."""
+    """The table a run's `experiment_name` names (a sweep of `experiment=tableN` or `zoo`), if
+    any."""
     name = str(run.get("experiment_name", ""))
-    return name if name in REPORT_TABLES else None
+    return name if name in DECLARED_TABLES else None
 
 
 def single_task(run: Run) -> bool:
@@ -174,6 +177,17 @@ def read_task_metrics(run_dir: Path) -> dict[str, str]:
         return {}
 
 
+def read_choices(run_dir: Path) -> dict[str, str]:
+    """The config group choices the run was composed from (`.hydra/hydra.yaml`'s
+    `hydra.runtime.choices`: `peft` -> `pissa`); {} where the file is missing or unreadable."""
+    try:
+        hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+        choices = OmegaConf.to_container(hydra_cfg.hydra.runtime.choices, resolve=False)
+    except Exception:  # an old or hand-made run without Hydra's own record: no choices
+        return {}
+    return {str(k): str(v) for k, v in choices.items() if v is not None}
+
+
 def load_run(run_dir: Path) -> Run:
     """Reads one run dir; raises ValueError (with the reason) where its config cannot be read."""
     try:
@@ -185,7 +199,7 @@ def load_run(run_dir: Path) -> Run:
         raise ValueError(".hydra/config.yaml is not a mapping")
     status, metrics, problem = read_outcome(run_dir)
     return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem,
-               read_task_metrics(run_dir))
+               read_task_metrics(run_dir), read_choices(run_dir))
 
 
 def collect_runs(roots: Iterable[Path]) -> tuple[list[Run], list[str]]:

@@ -32,6 +32,7 @@ class Column:
     slot: str | None = ""
     percent: bool = False
     task: str | None = None
+    unit: str = ""  # a cost column: "count" (1.2 M), "bytes" (12.3 MiB), "rate" (98.1 / s)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,26 @@ def format_percent(cell: Cell) -> str | None:
     return f"{low} %" if low == high else f"{low}–{high} %"
 
 
+def format_cost(cell: Cell, unit: str) -> str | None:
+    """A cost's mean over the runs: `1.23 M` (count), `12.3 MiB` (bytes), `98.1 / s` (rate)."""
+    if cell.mean is None:
+        return None
+    if unit == "bytes":
+        return f"{cell.mean / 2 ** 20:.1f} MiB"
+    if unit == "rate":
+        return f"{cell.mean:.1f} / s"
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(cell.mean) >= size:
+            return f"{cell.mean / size:.3g} {suffix}"
+    return f"{cell.mean:.0f}"
+
+
 def cell_text(column: Column, cell: Cell) -> str | None:
     """The cell as shown: None for a gap, "" for a cell that is not the row's."""
     if not cell.applies:
         return ""
+    if column.unit:
+        return format_cost(cell, column.unit)
     return format_percent(cell) if column.percent else format_score(cell)
 
 
@@ -50,11 +66,13 @@ def _table_cells(table: Table) -> list[list[str | None]]:
 def seed_note(table: Table) -> str | None:
     """The footnote on what a cell is, where some cell averages several runs."""
     counts = sorted({cell.n for row in table.rows for col in table.layout.columns
-                     if not col.percent and (cell := row.cells[col.key]).n})
+                     if not col.percent and not col.unit and (cell := row.cells[col.key]).n})
     if not counts or counts[-1] < 2:
         return None
+    costs = any(col.unit for col in table.layout.columns)
+    counts_note = "; a cost is the mean over the seeds" if costs else ""
     if len(counts) == 1:
-        return f"mean ± std (sample, ddof=1) over {counts[0]} seeds"
+        return f"mean ± std (sample, ddof=1) over {counts[0]} seeds{counts_note}"
     return (f"mean ± std (sample, ddof=1) over {counts[0]}–{counts[-1]} seeds "
             f"(the n of each cell is in {table.layout.name}.csv)")
 
@@ -96,6 +114,8 @@ def _csv_cells(column: Column, cell: Cell) -> list[str]:
         return [GAP, "", ""] if column.percent else [GAP, ""]
     if column.percent:
         return [f"{value:.2f}" for value in (cell.mean, min(cell.values), max(cell.values))]
+    if column.unit:  # a cost, in its own unit (bytes, examples per second, parameters)
+        return [f"{cell.mean:.1f}", "" if cell.std is None else f"{cell.std:.1f}"]
     return [f"{cell.mean:.3f}", "" if cell.std is None else f"{cell.std:.3f}"]
 
 

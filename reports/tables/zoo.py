@@ -1,0 +1,95 @@
+"""The zoo: every PEFT method side by side (`python train.py -m experiment=zoo`, then
+`make_tables.py <sweep> --table zoo`). One row per method, the run's `peft=` choice (`none` is
+full fine-tuning): its dev score on each report task and overall (mean ± std over seeds), and its
+price: parameters updated (% and absolute), training examples per second, optimizer-state bytes,
+peak memory and the size of the weights it saves (each the mean over seeds).
+
+`zoo_pareto` draws the trade-off as `zoo-pareto.png`: dev overall against trainable parameters
+(log scale) and against milliseconds of training per example, each with its Pareto frontier: the
+methods no other beats on both axes (fewer parameters or less time, and a higher score)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .collect import Run
+from .layouts import (OVERALL, PARAMS, Column, Layout, RowKey, Table, _score_columns,
+                      describe_peft, design_of, model_of)
+from .task_table import strategy, strategy_label
+
+TRAINABLE = Column("trainable", "Trainable", "params/trainable", unit="count")
+SPEED = Column("examples_per_s", "Train examples", "train/examples_per_s", unit="rate")
+OPTIMIZER = Column("optimizer_state", "Optimizer state", "memory/optimizer_state_bytes",
+                   unit="bytes")
+PEAK = Column("peak_memory", "Peak memory", "memory/peak_bytes", unit="bytes")
+SAVED = Column("saved", "Saved weights", "adapter/file_bytes", unit="bytes")
+
+
+def method_of(run: Run) -> RowKey:
+    """(the run's `peft=` choice,), or its PEFT config described where Hydra's choices are not
+    recorded."""
+    return (run.choices.get("peft") or describe_peft(run),)
+
+
+def _label(key: RowKey) -> tuple[str, ...]:
+    return ("none (full fine-tuning)" if key[0] == "none" else key[0],)
+
+
+ZOO = Layout(
+    name="zoo", title="The zoo: every PEFT method at its defaults (dev, and what each costs)",
+    label_keys=("peft",), label_titles=("PEFT method",),
+    columns=(*_score_columns(False), OVERALL, PARAMS, TRAINABLE, SPEED, OPTIMIZER, PEAK, SAVED),
+    canonical=(), row_of=method_of, labels=_label, describe=lambda key: f"peft={key[0]}",
+    slot_of=lambda run: "",
+    shared=(("models", model_of), ("strategies", lambda run: strategy_label(strategy(run))),
+            ("head designs", design_of)))
+
+
+def frontier(points: list[tuple[float, float]]) -> list[int]:
+    """The indices of the Pareto-optimal points, by ascending x: no other point has an x as low
+    or lower and a higher y (x: a cost, lower is better; y: a score, higher is better)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    best, out = float("-inf"), []
+    for i in order:
+        if points[i][1] > best:
+            out.append(i)
+            best = points[i][1]
+    return out
+
+
+def _panel(axes, names: list[str], xs: list[float], ys: list[float], xlabel: str,
+           log: bool) -> None:
+    axes.scatter(xs, ys, color="tab:blue", zorder=2)
+    for name, x, y in zip(names, xs, ys):
+        axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    best = frontier(list(zip(xs, ys)))
+    axes.step([xs[i] for i in best], [ys[i] for i in best], where="post", color="tab:red",
+              label="Pareto frontier", zorder=1)
+    if log:
+        axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("dev overall")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+
+
+def zoo_pareto(table: Table, path: Path) -> Path:
+    """`zoo-pareto.png`: dev overall against trainable parameters and against milliseconds of
+    training per example, one point per method with both numbers, and each panel's frontier."""
+    rows = [r for r in table.rows if r.cells[OVERALL.key].mean is not None]
+    figure = Figure(figsize=(13, 5.5))
+    for axes, column, xlabel, cost, log in (
+            (figure.add_subplot(1, 2, 1), TRAINABLE, "trainable parameters (log scale)",
+             lambda v: v, True),
+            (figure.add_subplot(1, 2, 2), SPEED, "milliseconds of training per example",
+             lambda v: 1e3 / v, False)):
+        have = [r for r in rows if r.cells[column.key].mean]
+        _panel(axes, [r.labels[0].split(" ")[0] for r in have],
+               [cost(r.cells[column.key].mean) for r in have],
+               [r.cells[OVERALL.key].mean for r in have], xlabel, log)
+    figure.suptitle(table.layout.title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,76 @@
+"""The zoo table and its Pareto plot (`make_tables.py <sweep> --table zoo`) on runs with known
+numbers: one row per `peft=` choice (read from Hydra's record of the run), scores as mean ± std
+over seeds, costs in their units, a failed run named, and the frontier the plot draws."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, compose_config
+from reports.tables.zoo import frontier
+
+SCRIPT = REPO / "scripts" / "make_tables.py"
+
+
+def test_frontier_keeps_what_nothing_beats_on_both_axes():
+    points = [(10, 0.5), (1, 0.4), (5, 0.45), (5, 0.6), (20, 0.6), (2, 0.3), (1, 0.2)]
+    # (1, 0.4) beats (1, 0.2) and (2, 0.3); (5, 0.6) beats (5, 0.45), (10, 0.5) and (20, 0.6)
+    assert frontier(points) == [1, 3]
+    assert frontier([]) == [] and frontier([(3, 0.1)]) == [0]
+
+
+def write_zoo_run(path: Path, peft: str, seed: int, metrics: dict | None) -> None:
+    cfg = compose_config(["experiment=zoo", f"peft={peft}", f"seed={seed}"])
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, path / ".hydra" / "config.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"choices": {"peft": peft, "trainer": "interleaved"}}}},
+                   path / ".hydra" / "hydra.yaml")
+    if metrics is None:
+        (path / "error.txt").write_text("peft: something went wrong\n")
+    else:
+        (path / "metrics.json").write_text(json.dumps(metrics))
+
+
+def costs(overall: float, trainable: int, rate: float) -> dict:
+    return {"sst/dev/acc": overall, "para/dev/acc": overall, "sts/dev/pearson": 2 * overall - 1,
+            "dev/overall": overall, "params/updated_pct": trainable / 1e5,
+            "params/trainable": trainable, "train/examples_per_s": rate,
+            "memory/optimizer_state_bytes": 8 * trainable, "memory/peak_bytes": 3 * 2 ** 20,
+            "adapter/file_bytes": 4 * trainable}
+
+
+@pytest.fixture
+def zoo_sweep(tmp_path) -> Path:
+    sweep = tmp_path / "zoo"
+    runs = [("lora", 1, costs(0.60, 70_000, 100.0)), ("lora", 2, costs(0.62, 70_000, 110.0)),
+            ("none", 1, costs(0.64, 6_500_000, 40.0)), ("none", 2, costs(0.66, 6_500_000, 44.0)),
+            ("vera", 1, costs(0.50, 50_000, 120.0)), ("vera", 2, None)]
+    for i, (peft, seed, metrics) in enumerate(runs):
+        write_zoo_run(sweep / str(i), peft, seed, metrics)
+    return sweep
+
+
+def test_zoo_table_and_pareto_plot(zoo_sweep, capsys):
+    spec = importlib.util.spec_from_file_location("make_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(zoo_sweep), "--table", "zoo"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line and "PEFT method" not in line}
+    assert list(rows) == ["lora", "none (full fine-tuning)", "vera"]
+    assert ("| lora | 0.610 ± 0.014 | 0.610 ± 0.014 | 0.220 ± 0.028 | 0.610 ± 0.014 | 0.70 % | "
+            "70 k | 105.0 / s | 0.5 MiB | 3.0 MiB | 0.3 MiB |") == rows["lora"]
+    assert "| 6.5 M | 42.0 / s | 49.6 MiB |" in rows["none (full fine-tuning)"]
+    assert "| 0.500 | " in rows["vera"]  # one finished seed: no std
+    assert "peft=vera (seed 2): failed in" in out and "peft: something went wrong" in out
+    tables = zoo_sweep / "tables"
+    assert {p.name for p in tables.iterdir()} == {"zoo.md", "zoo.csv", "zoo.tex",
+                                                  "zoo-pareto.png"}
+    assert (tables / "zoo-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (tables / "zoo.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["peft", "sst_acc", "sst_acc_std"] and "examples_per_s" in header
