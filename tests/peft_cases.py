@@ -94,6 +94,7 @@ _BIASES = {f"layers.{i}.{m}.bias" for i in range(2) for m in (*LINEAR, "attn_nor
 EXPECTED_TRAINABLE = {
     "none": ALL,
     "galore": ALL,
+    "frozen": set(),  # only the task heads train
     "lora": _per_layer(LINEAR, ("lora_A", "lora_B")),
     "lora_all_bias_rs": _per_layer(LINEAR, ("lora_A", "lora_B")) | {"bias"},
     "pissa": _per_layer(LINEAR, ("lora_A", "lora_B")),  # A0, B0: frozen buffers
@@ -209,6 +210,7 @@ def _tiny_model_of(case: str) -> dict[str, bool]:
 # Which tests concern which cases: the declared capabilities, and the built models.
 MERGEABLE = {c for c in CASES if capabilities(METHODS[c]()).mergeable}
 FULL_PARAMETER = {c for c in CASES if EXPECTED_TRAINABLE.get(c) == ALL}
+FROZEN = {c for c in CASES if EXPECTED_TRAINABLE.get(c) == set()}  # nothing of the encoder trains
 LAYERED = {c for c in MERGEABLE if _tiny_model_of(c)["layers"]}  # AdapterLinears to merge
 IDENTITY_AT_INIT = {c for c in MERGEABLE if not _tiny_model_of(c)["quantized"]}  # QLoRA starts
 # from the quantized weights
@@ -218,7 +220,7 @@ LORA_LAYERS = {c for c in CASES if _tiny_model_of(c)["lora"]}  # what OrthoAda t
 method_ids = pytest.mark.parametrize("method", CASES)
 layered_ids = pytest.mark.parametrize("method", sorted(LAYERED))
 mergeable_ids = pytest.mark.parametrize("method", sorted(MERGEABLE))
-partial_ids = pytest.mark.parametrize("method", sorted(set(CASES) - FULL_PARAMETER))
+partial_ids = pytest.mark.parametrize("method", sorted(set(CASES) - FULL_PARAMETER - FROZEN))
 LORA_FAMILY = ["dora", "lora", "lora_all_bias_rs", "lora_fa", "vera"]  # peft's LoraConfig, VeraConfig
 lora_family_ids = pytest.mark.parametrize("method", LORA_FAMILY)
 model_ids = pytest.mark.parametrize("model", ["tiny", "minilm"])

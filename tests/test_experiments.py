@@ -132,9 +132,9 @@ def test_the_zoo_sweeps_every_peft_choice_with_one_strategy(compose_cfg):
     assert cfg.trainer.optimizer.lr == cfg.peft.lr and cfg.experiment_name == "zoo"
 
 
-@pytest.mark.slow  # about a minute and a half: 1 + 18 + 24 + 9 + 20 smoke runs
+@pytest.mark.slow  # about a minute and a half: 1 + 18 + 24 + 9 + 21 smoke runs
 @pytest.mark.parametrize("experiment,runs", [("table1", 1), ("figure2", 18), ("table2", 24),
-                                             ("table3", 9), ("zoo", 20)])
+                                             ("table3", 9), ("zoo", 21)])
 def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, experiment, runs):
     sweep = tmp_path / "sweep"
     train_cli("-m", f"experiment={experiment}", "scale=smoke",

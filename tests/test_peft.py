@@ -32,7 +32,7 @@ def adapted(method: str, model: str):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_says_what_it_trains(config):
     """The matrix is every conf/peft file: each needs its expected tensors, written by hand."""
-    assert expected_trainable(config)
+    assert isinstance(expected_trainable(config), (set, frozenset))
 
 
 def test_the_expected_tensors_name_only_cases():
@@ -116,9 +116,11 @@ def test_one_step_changes_exactly_the_trainable_parameters(method):
     encoder = adapted(method, "tiny").train()
     perturb(encoder)  # from B = 0 the gradient of A would be zero
     before = {n: t.clone() for n, t in encoder.state_dict().items()}
-    optimizer = torch.optim.SGD([p for _, p in trainable_params(encoder)], lr=0.1)
-    loss(hidden(encoder, batch())).backward()
-    optimizer.step()
+    params = [p for _, p in trainable_params(encoder)]
+    out = loss(hidden(encoder, batch()))
+    if params:  # peft=frozen trains nothing of the encoder: then nothing may change
+        out.backward()
+        torch.optim.SGD(params, lr=0.1).step()
     changed = {n for n, t in encoder.state_dict().items() if not torch.equal(t, before[n])}
     trainable = {n for n, _ in trainable_params(encoder)}
     # A key bias adds q·b_k to every logit of a query: softmax ignores it, so its gradient is zero

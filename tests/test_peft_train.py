@@ -22,12 +22,12 @@ from trainers.engine.context import RunContext
 from trainers.engine.evaluate import predict
 from tasks.data import load_task_data
 from trainers.engine.build import build, build_method, build_model, encode_data
-from peft_cases import CONFIGS, FULL_PARAMETER, LORA_LAYERS, MERGEABLE, METHODS
+from peft_cases import CONFIGS, FROZEN, FULL_PARAMETER, LORA_LAYERS, MERGEABLE, METHODS
 
 # Every conf/peft method that trains part of the model (full fine-tuning and GaLore train it all:
 # tests/test_resume.py and test_memory_methods.py run them), and what the capabilities it declares
 # make of each strategy.
-TRAINED = sorted(set(CONFIGS) - FULL_PARAMETER)
+TRAINED = sorted(set(CONFIGS) - FULL_PARAMETER - FROZEN)  # frozen: test_frozen_encoder_...
 NOT_MERGEABLE = set(CONFIGS) - MERGEABLE
 
 
@@ -144,3 +144,30 @@ def test_every_strategy_runs_the_method_or_refuses_it_before_training(synthetic_
         return
     _, metrics = trained_run(synthetic_root, tmp_path, *overrides)
     assert 0 < metrics["params/updated_pct"] < 100 and 0 <= metrics["dev/overall"] <= 1
+
+
+def test_frozen_encoder_trains_only_the_heads(synthetic_root, tmp_path):
+    """peft=frozen, the heads-only baseline: the run counts only the heads as trained, saves only
+    them (moved from their init), and a fresh pretrained encoder with them rebuilds the run's
+    predictions: the encoder it scored with was the pretrained one."""
+    cfg, metrics = trained_run(synthetic_root, tmp_path, "peft=frozen", "trainer=interleaved")
+    tasks = get_tasks(list(cfg.tasks))
+    fresh = build_model(cfg, tasks, build_method(cfg))
+    init = fresh.state_dict()
+    assert metrics["params/trainable"] == sum(p.numel() for p in fresh.heads.parameters())
+    saved = load_file(str(tmp_path / "adapter.safetensors"))
+    assert saved and all(k.startswith("heads.") for k in saved)
+    assert any(not torch.equal(saved[k], init[k]) for k in saved)
+    load_adapter(fresh, tmp_path / "adapter.safetensors")
+    data = encode_data(cfg, fresh, load_task_data(tasks, synthetic_root, None, None))
+    ctx = RunContext.for_scoring(fresh, tasks, data, tmp_path)
+    for task in tasks:
+        want = read_predictions(tmp_path / "predictions" / f"{task.name}-dev-output.csv")
+        np.testing.assert_allclose(predict(ctx, task, data["dev"][task.name]), want, atol=1e-5)
+
+
+def test_frozen_encoder_merges_as_a_zero_update(synthetic_root, tmp_path):
+    """FedAvg over three heads-only experts: nothing of the encoder to merge, and it says so by
+    saving no encoder tensor; the run finishes."""
+    _, metrics = trained_run(synthetic_root, tmp_path, "peft=frozen", "trainer=fedavg")
+    assert not load_file(str(tmp_path / "merged.safetensors")) and 0 <= metrics["dev/overall"] <= 1
