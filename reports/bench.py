@@ -1,6 +1,7 @@
 """Measurement helpers shared by the benchmark scripts (`scripts/bench_encoder.py`,
-`bench_peft.py`, `bench_memory.py`): the checkpoint they time, the padded batches they all see
-(synthetic SST-like sentences, or real SST train ones), round-robin timing of several
+`bench_peft.py`, `bench_memory.py`, `bench_checkpoint.py`, `bench_ddp.py`): the checkpoint they
+time, the padded batches they all see (synthetic SST-like sentences, or real SST train ones), a run
+built as train.py builds it and ready to take training steps, round-robin timing of several
 configurations on the same batches with its paired same-batch ratios, and how much CPU other
 processes took while a benchmark measured."""
 from __future__ import annotations
@@ -10,7 +11,9 @@ import csv
 import os
 import random
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -62,6 +65,28 @@ def load_batches(args, tokenizer) -> tuple[list[dict], str]:
     else:
         sentences, source = synthetic_sentences(n, rng), "synthetic (no ids-sst-train.csv found)"
     return make_batches(tokenizer, sentences, args.batch_size, args.max_length, "cpu"), source
+
+
+# ---- a run ready to take training steps ----------------------------------------------------------
+@contextlib.contextmanager
+def ready_to_train(conf_dir: Path, overrides: list[str]) -> Iterator[tuple]:
+    """A run built as train.py builds it (`trainers.engine.run.setup`, from `conf_dir` with
+    `overrides`) in a temporary run folder, at its first phase, in training mode: yields
+    (trainer, ctx, state, the phase's tasks), for timing the engine's own `train_step`."""
+    from hydra import compose, initialize_config_dir
+
+    from trainers.engine.run import setup
+    from trainers.engine.state import TrainState
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer, _, ctx = setup(cfg, run_dir)
+        state = TrainState()
+        trainer.start(ctx, state)
+        trainer.begin_phase(ctx, state, 0)
+        ctx.model.train()
+        yield trainer, ctx, state, trainer.phases(ctx)[0]
 
 
 # ---- timing --------------------------------------------------------------------------------------

@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
+from reports.bench import ready_to_train
 from trainers.engine.loop import train_step
 from trainers.engine.precision import machine_class
-from trainers.engine.run import setup
-from trainers.engine.state import TrainState, checkpoint_files, save_checkpoint
+from trainers.engine.state import checkpoint_files, save_checkpoint
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGET = 0.03
@@ -38,15 +35,7 @@ def measure(method: str, model: str, rounds: int, steps: int, data_root: str | N
     overrides = [f"model={model}", f"peft={method}", "logger=none", "progress=false",
                  "data.limit_train=2000", "data.limit_eval=32"]
     overrides += [f"data.root={data_root}"] if data_root else []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, ctx = setup(cfg, tmp)
-        state = TrainState()
-        trainer.start(ctx, state)
-        trainer.begin_phase(ctx, state, 0)
-        tasks = trainer.phases(ctx)[0]
-        ctx.model.train()
+    with ready_to_train(CONF, overrides) as (trainer, ctx, state, tasks):
         step_times, save_times = [], []
         for _ in range(rounds):
             for _ in range(steps):
@@ -54,9 +43,9 @@ def measure(method: str, model: str, rounds: int, steps: int, data_root: str | N
                 train_step(ctx, state, trainer.next_step(ctx, state, tasks), trainer, 10 ** 6)
                 step_times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            save_checkpoint(state, ctx.model, ctx.generator, Path(tmp), keep=2)
+            save_checkpoint(state, ctx.model, ctx.generator, ctx.run_dir, keep=2)
             save_times.append(time.perf_counter() - start)
-        size = checkpoint_files(Path(tmp))[-1].stat().st_size
+        size = checkpoint_files(ctx.run_dir)[-1].stat().st_size
     return {"step": statistics.median(step_times[1:]), "save": statistics.median(save_times),
             "mib": size / 2 ** 20}
 

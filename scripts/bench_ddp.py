@@ -41,23 +41,13 @@ def worker(args, overrides: list[str]) -> None:
     """Builds the run as train.py does, times `args.steps` training steps (after `args.warmup`)
     and, on rank 0, writes {examples, seconds, world} to `args.out`."""
     import torch
-    from hydra import compose, initialize_config_dir
 
+    from reports.bench import ready_to_train
     from trainers.engine.loop import train_step
-    from trainers.engine.run import setup
-    from trainers.engine.state import TrainState
 
     torch.set_num_threads(args.threads)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer, _, ctx = setup(cfg, run_dir)
-        state = TrainState()
-        trainer.start(ctx, state)
-        trainer.begin_phase(ctx, state, 0)
-        tasks = trainer.phases(ctx)[0]
+    with ready_to_train(CONF, overrides) as (trainer, ctx, state, tasks):
         total = trainer.steps_per_epoch(ctx, tasks)
-        ctx.model.train()
         examples, t0 = 0, None
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
