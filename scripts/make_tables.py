@@ -17,10 +17,11 @@ mean ± sample std over its runs (seeds). Each table is printed as Markdown and 
 `table{N}.md`, `.csv` and `.tex` (tasks.md, .csv and .tex for the tasks table) into --out (default:
 `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as `figure2.md/csv/tex` and
 `figure2.png`; the zoo (`experiment=zoo`: every PEFT method, its scores and costs) as
-`zoo.md/csv/tex` and its Pareto plot `zoo-pareto.png`. A missing, failed (`error.txt`) or unfinished run leaves a gap, and a note under
-the table names it. `--reference report` prints, under each table, the report's published dev
-numbers (bert-base, 10 epochs) beside ours, cell for cell, with the difference, and writes it as
-`<table>-vs-report.md`; `--reference FILE.csv` uses other numbers.
+`zoo.md/csv/tex` and its Pareto plot `zoo-pareto.png`. A missing, failed (`error.txt`) or
+unfinished run leaves a gap, and a note under the table names it. `--reference report` prints,
+under each table, the report's published dev numbers (bert-base, 10 epochs) beside ours, cell for
+cell, with the difference, and writes it as `<table>-vs-report.md`; `--reference FILE.csv` uses
+other numbers.
 """
 from __future__ import annotations
 

@@ -160,16 +160,3 @@ def test_recipes_compose_and_build(compose_cfg, recipe):
     trainer = build(cfg.trainer, "trainer")
     assert trainer.options.scheduler in ("constant", "linear", "cosine")
     assert build_model(cfg, get_tasks(["sst", "sts"])) is not None
-
-
-@pytest.mark.parametrize("launcher", options("hydra/launcher"))
-def test_launcher_options_compose_to_an_importable_launcher(compose_cfg, launcher):
-    from hydra.utils import get_class
-
-    hydra_cfg = compose_cfg([f"hydra/launcher={launcher}"], hydra=True).hydra
-    assert get_class(hydra_cfg.launcher._target_).__name__.endswith("Launcher")
-    if launcher.endswith("_ddp"):  # a data-parallel job: two ranks, the rest of its base option
-        assert hydra_cfg.launcher.tasks_per_node == 2
-    if launcher == "slurm_ddp":  # one rank per GPU; preemption as in `slurm`
-        assert hydra_cfg.launcher.gpus_per_node == 2
-        assert hydra_cfg.launcher.signal_delay_s == 120 and hydra_cfg.launcher.max_num_timeout == 3

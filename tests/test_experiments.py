@@ -118,10 +118,20 @@ def test_optuna_sweeps_search_lr_rank_alpha_dropout(sweep, method):
 
 @pytest.mark.parametrize("launcher,target", [("parallel", "JoblibLauncher"),
                                              ("local", "LocalLauncher"),
-                                             ("slurm", "SlurmLauncher")])
+                                             ("slurm", "SlurmLauncher"),
+                                             ("local_ddp", "LocalDDPLauncher"),
+                                             ("slurm_ddp", "SlurmDDPLauncher")])
 def test_launcher_configs_compose(launcher, target):
-    cfg = compose_config([f"hydra/launcher={launcher}"], hydra=True)
-    assert cfg.hydra.launcher._target_.endswith("." + target)
+    from hydra.utils import get_class
+
+    launcher_cfg = compose_config([f"hydra/launcher={launcher}"], hydra=True).hydra.launcher
+    assert launcher_cfg._target_.endswith("." + target)
+    assert get_class(launcher_cfg._target_).__name__ == target  # importable
+    if launcher.endswith("_ddp"):  # a data-parallel job: two ranks, the rest of its base option
+        assert launcher_cfg.tasks_per_node == 2
+    if launcher == "slurm_ddp":  # one rank per GPU; preemption as in `slurm`
+        assert launcher_cfg.gpus_per_node == 2
+        assert launcher_cfg.signal_delay_s == 120 and launcher_cfg.max_num_timeout == 3
 
 
 def test_the_zoo_sweeps_every_peft_choice_with_one_strategy(compose_cfg):

@@ -2,7 +2,8 @@
 folder of Hydra runs: `collect` finds and reads the runs, `layouts` places them in the report's
 tables' rows and columns, `task_table` in the generic one's, `build` builds each table, `render`
 writes Markdown, CSV and LaTeX, `figure` draws Figure 2, `reference` prints the report's numbers
-beside ours, `zoo` lays out and plots every PEFT method side by side. `scripts/make_tables.py` is the command line."""
+beside ours, `zoo` lays out and plots every PEFT method side by side. `scripts/make_tables.py` is
+the command line."""
 from .build import LAYOUTS, build_tables
 from .collect import NoRunsError, Run, collect_runs, table_of
 from .figure import figure2

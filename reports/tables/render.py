@@ -69,12 +69,12 @@ def seed_note(table: Table) -> str | None:
                      if not col.percent and not col.unit and (cell := row.cells[col.key]).n})
     if not counts or counts[-1] < 2:
         return None
-    costs = any(col.unit for col in table.layout.columns)
-    counts_note = "; a cost is the mean over the seeds" if costs else ""
+    has_costs = any(col.unit for col in table.layout.columns)
+    costs = "; a cost is the mean over the seeds" if has_costs else ""
     if len(counts) == 1:
-        return f"mean ± std (sample, ddof=1) over {counts[0]} seeds{counts_note}"
+        return f"mean ± std (sample, ddof=1) over {counts[0]} seeds{costs}"
     return (f"mean ± std (sample, ddof=1) over {counts[0]}–{counts[-1]} seeds "
-            f"(the n of each cell is in {table.layout.name}.csv)")
+            f"(the n of each cell is in {table.layout.name}.csv){costs}")
 
 
 def notes(table: Table) -> list[str]:
