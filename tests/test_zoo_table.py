@@ -23,12 +23,15 @@ def test_frontier_keeps_what_nothing_beats_on_both_axes():
     assert frontier([]) == [] and frontier([(3, 0.1)]) == [0]
 
 
-def write_zoo_run(path: Path, peft: str, seed: int, metrics: dict | None) -> None:
-    cfg = compose_config(["experiment=zoo", f"peft={peft}", f"seed={seed}"])
+def write_zoo_run(path: Path, peft: str, seed: int, metrics: dict | None,
+                  overrides: tuple[str, ...] = ()) -> None:
+    """A zoo run as Hydra leaves it: `overrides` are the command line's beyond peft= and seed=."""
+    task = [f"peft={peft}", "experiment=zoo", *overrides, f"seed={seed}"]
+    cfg = compose_config(task)
     (path / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, path / ".hydra" / "config.yaml")
-    OmegaConf.save({"hydra": {"runtime": {"choices": {"peft": peft, "trainer": "interleaved"}}}},
-                   path / ".hydra" / "hydra.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"choices": {"peft": peft, "trainer": "interleaved"}},
+                              "overrides": {"task": task}}}, path / ".hydra" / "hydra.yaml")
     if metrics is None:
         (path / "error.txt").write_text("peft: something went wrong\n")
     else:
@@ -74,3 +77,30 @@ def test_zoo_table_and_pareto_plot(zoo_sweep, capsys):
     assert (tables / "zoo-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header = (tables / "zoo.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["peft", "sst_acc", "sst_acc_std"] and "examples_per_s" in header
+
+
+def test_swept_settings_are_rows_of_their_own_in_numeric_order(tmp_path, capsys):
+    """A search's lr grid and a rank ladder sweep peft.* on the command line: each setting is a
+    row named by it (`lora targets=all_linear rank=4`), after the method's defaults and in numeric
+    order (1e-4 < 5e-4 < 1.5e-3; rank 4 < 16), and a setting of another group is not one."""
+    sweep = tmp_path / "ladder"
+    runs = [("lora", ("peft.lr=0.0015",)), ("lora", ("peft.lr=0.0001",)), ("lora", ()),
+            ("lora", ("peft.lr=0.0005", "data.limit_train=100")),
+            ("dora", ("peft.rank=16", "peft.targets=all_linear")),
+            ("dora", ("peft.targets=all_linear", "peft.rank=4")),
+            ("dora", ("optim.state_bits=8",))]
+    for i, (peft, overrides) in enumerate(runs):
+        write_zoo_run(sweep / str(i), peft, 1, costs(0.5 + i / 100, 1000 * (i + 1), 10.0),
+                      overrides)
+    spec = importlib.util.spec_from_file_location("make_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(sweep), "--table", "zoo"]) == 0
+    rows = [line.split(" | ")[:5] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line and "PEFT method" not in line]
+    assert [r[0].lstrip("| ") for r in rows] == [
+        "dora optim.state_bits=8", "dora targets=all_linear rank=4",
+        "dora targets=all_linear rank=16", "lora", "lora lr=0.0001", "lora lr=0.0005",
+        "lora lr=0.0015"]
+    assert [r[4] for r in rows] == ["0.560", "0.550", "0.540", "0.520", "0.510", "0.530",
+                                    "0.500"]

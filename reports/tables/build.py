@@ -87,7 +87,7 @@ def build_table(layout: Layout, runs: list[Run], full_grid: bool,
             left_out.append(f"left out `{run.path}`: its trainer.task is {slot or 'not set'}")
     keys = [k for k in layout.canonical if full_grid or k in groups]
     keys += sorted((k for k in groups if k not in layout.canonical),
-                   key=lambda k: natural_key("\0".join(k)))
+                   key=layout.order or (lambda k: natural_key("\0".join(k))))
     rows = [_build_row(layout, key, groups.get(key, {})) for key in keys]
     notes = [note for key in keys for note in _gap_notes(layout, key, groups.get(key, {}))]
     return Table(layout, rows, notes + left_out + _shared_notes(layout, runs) + list(extra_notes))

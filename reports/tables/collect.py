@@ -42,6 +42,7 @@ class Run:
     problem: str = ""  # failed or incomplete: error.txt's first line, or INCOMPLETE
     task_metrics: dict[str, str] = field(default_factory=dict)  # task -> run.json's `metric`
     choices: dict[str, str] = field(default_factory=dict)  # Hydra's group choices: peft -> dora
+    overrides: tuple[str, ...] = ()  # the command line's overrides as Hydra recorded them
 
     @property
     def finished(self) -> bool:
@@ -177,15 +178,19 @@ def read_task_metrics(run_dir: Path) -> dict[str, str]:
         return {}
 
 
-def read_choices(run_dir: Path) -> dict[str, str]:
+def read_hydra(run_dir: Path) -> tuple[dict[str, str], tuple[str, ...]]:
     """The config group choices the run was composed from (`.hydra/hydra.yaml`'s
-    `hydra.runtime.choices`: `peft` -> `pissa`); {} where the file is missing or unreadable."""
+    `hydra.runtime.choices`: `peft` -> `pissa`) and its command line's overrides
+    (`hydra.overrides.task`: `peft.lr=0.0015`, `seed=2`); nothing where the file is missing or
+    unreadable."""
     try:
-        hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
-        choices = OmegaConf.to_container(hydra_cfg.hydra.runtime.choices, resolve=False)
+        hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
+        choices = OmegaConf.to_container(hydra_cfg.runtime.choices, resolve=False)
+        overrides = OmegaConf.to_container(hydra_cfg.overrides, resolve=False).get("task") or []
     except Exception:  # an old or hand-made run without Hydra's own record: no choices
-        return {}
-    return {str(k): str(v) for k, v in choices.items() if v is not None}
+        return {}, ()
+    return ({str(k): str(v) for k, v in choices.items() if v is not None},
+            tuple(str(o) for o in overrides))
 
 
 def load_run(run_dir: Path) -> Run:
@@ -199,7 +204,7 @@ def load_run(run_dir: Path) -> Run:
         raise ValueError(".hydra/config.yaml is not a mapping")
     status, metrics, problem = read_outcome(run_dir)
     return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem,
-               read_task_metrics(run_dir), read_choices(run_dir))
+               read_task_metrics(run_dir), *read_hydra(run_dir))
 
 
 def collect_runs(roots: Iterable[Path]) -> tuple[list[Run], list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .collect import Run
 
@@ -54,6 +55,8 @@ class Layout:
     reference_row: Callable[[RowKey], str | None] = lambda key: None  # the report's `row`
     # False: the column is not the row's (a task its runs did not train): a blank, not a gap
     applies: Callable[[RowKey, Column], bool] = lambda key, column: True
+    order: Callable[[RowKey], Any] | None = None  # the sort of rows not in `canonical`; None:
+    # natural order of the joined key (run2 before run10)
 
 
 @dataclass(frozen=True)

@@ -26,21 +26,56 @@ PEAK = Column("peak_memory", "Peak memory", "memory/peak_bytes", unit="bytes")
 SAVED = Column("saved", "Saved weights", "adapter/file_bytes", unit="bytes")
 
 
+SETTING_GROUPS = ("peft.", "optim.")  # overrides that make a run another row of the zoo
+
+
+def settings_of(run: Run) -> tuple[str, ...]:
+    """The run's command-line overrides of its PEFT method's and optimizer's settings, without
+    the group (`peft.lr=0.0015` -> `lr=0.0015`): a search or a rank ladder swept them. Words
+    come before numbers (`targets=all_linear rank=4`), each kind by name."""
+    found = []
+    for override in run.overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        group = next((g for g in SETTING_GROUPS if key.startswith(g)), None)
+        if group is not None:
+            name = key[len(group):] if group == "peft." else key
+            found.append((_number_or_text(value)[0] == 0, name, f"{name}={value}"))
+    return tuple(text for *_, text in sorted(found))
+
+
 def method_of(run: Run) -> RowKey:
-    """(the run's `peft=` choice,), or its PEFT config described where Hydra's choices are not
-    recorded."""
-    return (run.choices.get("peft") or describe_peft(run),)
+    """(the run's `peft=` choice, its overridden settings...), or its PEFT config described where
+    Hydra's choices are not recorded: `("lora",)` at the shipped defaults, `("lora", "rank=4",
+    "targets=all_linear")` in a rank ladder."""
+    return (run.choices.get("peft") or describe_peft(run), *settings_of(run))
+
+
+def _number_or_text(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def row_order(key: RowKey) -> tuple:
+    """Methods by name, each at its defaults first, then by setting with numbers in numeric order
+    (lr=0.00015 before lr=0.0005, rank=4 before rank=16)."""
+    settings = tuple((name, *_number_or_text(value))
+                     for name, _, value in (s.partition("=") for s in key[1:]))
+    return (key[0], len(key) > 1, settings)
 
 
 def _label(key: RowKey) -> tuple[str, ...]:
-    return ("none (full fine-tuning)" if key[0] == "none" else key[0],)
+    name = "none (full fine-tuning)" if key[0] == "none" else key[0]
+    return (" ".join((name, *key[1:])),)
 
 
 ZOO = Layout(
-    name="zoo", title="The zoo: every PEFT method at its defaults (dev, and what each costs)",
+    name="zoo", title="The zoo: PEFT methods side by side (dev, and what each costs)",
     label_keys=("peft",), label_titles=("PEFT method",),
     columns=(*_score_columns(False), OVERALL, PARAMS, TRAINABLE, SPEED, OPTIMIZER, PEAK, SAVED),
-    canonical=(), row_of=method_of, labels=_label, describe=lambda key: f"peft={key[0]}",
+    canonical=(), row_of=method_of, labels=_label, order=row_order,
+    describe=lambda key: " ".join((f"peft={key[0]}", *key[1:])),
     slot_of=lambda run: "",
     shared=(("models", model_of), ("strategies", lambda run: strategy_label(strategy(run))),
             ("head designs", design_of)))
@@ -85,7 +120,7 @@ def zoo_pareto(table: Table, path: Path) -> Path:
             (figure.add_subplot(1, 2, 2), SPEED, "milliseconds of training per example",
              lambda v: 1e3 / v, False)):
         have = [r for r in rows if r.cells[column.key].mean]
-        _panel(axes, [r.labels[0].split(" ")[0] for r in have],
+        _panel(axes, [" ".join(r.key) for r in have],
                [cost(r.cells[column.key].mean) for r in have],
                [r.cells[OVERALL.key].mean for r in have], xlabel, log)
     figure.suptitle(table.layout.title)

@@ -1,0 +1,163 @@
+"""The zoo's defaults search (`scripts/zoo_search.py`): for each PEFT method, dev overall at each
+learning rate of its grid over seeds, and whether one is clearly better than the lr it shipped
+with. Runs pair by seed (the same seed draws the same data order and head init), so a verdict
+reads the paired differences rather than two noisy means.
+
+A grid point is *clearly better* than the shipped lr when both have runs on at least two common
+seeds, it is higher on every one of them, and its mean over those seeds is higher by at least
+`MIN_GAIN` (half a point of dev overall). `search.md` / `search.csv` list every point, and
+`search.png` draws each method's curve (dev overall against lr, log scale; one dot per seed)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .collect import Run
+from .zoo import settings_of
+
+MIN_GAIN = 0.005
+OVERALL = "dev/overall"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point of one method: dev overall by seed."""
+
+    lr: float
+    scores: dict[str, float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores.values())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    method: str
+    shipped: float  # the lr the method shipped with when searched
+    points: list[Point]  # by lr
+    best: Point  # the highest mean over the seeds it shares with the shipped point
+    gain: float | None  # best minus shipped, mean over common seeds (None: no shipped point)
+    common: int  # seeds the best and the shipped point share
+    clearly_better: bool
+
+    @property
+    def shipped_point(self) -> Point | None:
+        return next((p for p in self.points if math.isclose(p.lr, self.shipped)), None)
+
+
+def lr_of(run: Run) -> float | None:
+    """The lr a search run set on the command line (`peft.lr=...`), None for any other run."""
+    for setting in settings_of(run):
+        name, _, value = setting.partition("=")
+        if name == "lr":
+            return float(value)
+    return None
+
+
+def _paired(a: Point, b: Point) -> list[tuple[float, float]]:
+    return [(a.scores[s], b.scores[s]) for s in sorted(a.scores) if s in b.scores]
+
+
+def verdict(method: str, shipped: float, points: list[Point]) -> Verdict:
+    """Which of a method's grid points is best against the shipped lr, and whether clearly."""
+    base = next((p for p in points if math.isclose(p.lr, shipped)), None)
+    if base is None:
+        best = max(points, key=lambda p: p.mean)
+        return Verdict(method, shipped, points, best, None, 0, False)
+
+    def gain(point: Point) -> float:
+        pairs = _paired(point, base)
+        return statistics.fmean(x - y for x, y in pairs) if pairs else -math.inf
+
+    best = max(points, key=gain)
+    pairs = _paired(best, base)
+    clear = (best is not base and len(pairs) >= 2 and all(x > y for x, y in pairs)
+             and gain(best) >= MIN_GAIN)
+    return Verdict(method, shipped, points, best, gain(best), len(pairs), clear)
+
+
+def verdicts(runs: list[Run], shipped: dict[str, float]) -> list[Verdict]:
+    """One verdict per method with finished search runs, by method name. `shipped`: method ->
+    the lr it shipped with when searched (a method missing from it is left out)."""
+    grid: dict[str, dict[float, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for run in runs:
+        lr, method = lr_of(run), run.choices.get("peft")
+        if run.finished and lr is not None and method in shipped and OVERALL in run.metrics:
+            grid[method][lr][run.seed] = run.metrics[OVERALL]
+    return [verdict(m, shipped[m], [Point(lr, dict(s)) for lr, s in sorted(grid[m].items())])
+            for m in sorted(grid)]
+
+
+def _cell(point: Point) -> str:
+    values = list(point.scores.values())
+    spread = f" ± {statistics.stdev(values):.3f}" if len(values) >= 2 else ""
+    return f"{point.mean:.3f}{spread} (n={len(values)})"
+
+
+def _choice(v: Verdict) -> str:
+    if v.gain is None:
+        return "no run at the shipped lr"
+    if v.clearly_better:
+        return f"**{v.best.lr:g}** (+{v.gain:.3f} on {v.common} seeds)"
+    if math.isclose(v.best.lr, v.shipped):
+        return "keep (the shipped lr is best)"
+    return f"keep ({v.best.lr:g} is +{v.gain:.3f} on {v.common} seed(s): not clearly better)"
+
+
+def search_markdown(found: list[Verdict]) -> str:
+    """A row per method: shipped lr, every grid point's dev overall, the choice."""
+    width = max((len(v.points) for v in found), default=0)
+    head = ["method", "shipped lr", *[f"lr {i + 1}" for i in range(width)], "choice"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in found:
+        cells = [f"{p.lr:g}: {_cell(p)}" + (" *" if math.isclose(p.lr, v.shipped) else "") for p in v.points]
+        cells += [""] * (width - len(cells))
+        lines.append("| " + " | ".join([v.method, f"{v.shipped:g}", *cells, _choice(v)]) + " |")
+    lines.append("")
+    lines.append(f"`*` the shipped lr. Dev overall, mean ± std over seeds (n seeds). Clearly "
+                 f"better: higher on every common seed (at least two) and by at least "
+                 f"{MIN_GAIN} on their mean.")
+    return "\n".join(lines) + "\n"
+
+
+def search_csv(found: list[Verdict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["method", "shipped_lr", "lr", "seed", "dev_overall", "chosen"])
+    for v in found:
+        chosen = v.best.lr if v.clearly_better else v.shipped
+        for p in v.points:
+            for seed, score in sorted(p.scores.items()):
+                writer.writerow([v.method, v.shipped, p.lr, seed, score, math.isclose(p.lr, chosen)])
+    return out.getvalue()
+
+
+def search_plot(found: list[Verdict], path: Path) -> Path:
+    """Small multiples: each method's dev overall against lr (log), a dot per seed, the mean as a
+    line, the shipped lr dashed."""
+    cols = 4
+    rows = max(1, math.ceil(len(found) / cols))
+    figure = Figure(figsize=(3.4 * cols, 2.6 * rows))
+    for i, v in enumerate(found):
+        axes = figure.add_subplot(rows, cols, i + 1)
+        for p in v.points:
+            axes.scatter([p.lr] * len(p.scores), list(p.scores.values()), s=10, color="tab:gray")
+        axes.plot([p.lr for p in v.points], [p.mean for p in v.points], marker="o",
+                  color="tab:red" if v.clearly_better else "tab:blue")
+        axes.axvline(v.shipped, linestyle="--", color="black", linewidth=0.8)
+        axes.set_xscale("log")
+        axes.set_title(v.method, fontsize=9)
+        axes.tick_params(labelsize=7)
+    figure.suptitle("dev overall against lr (dashed: shipped lr; red: a clearly better lr)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""The zoo's defaults search: a learning-rate grid around each PEFT method's shipped lr, on dev,
+over seeds, and which lr is clearly better (`reports/tables/search.py` says what that means).
+
+    python scripts/zoo_search.py run --out outputs/zoo-search --seeds 1 2        # every method
+    python scripts/zoo_search.py run --out outputs/zoo-search --methods lora vera --parallel 2
+    python scripts/zoo_search.py summarise outputs/zoo-search --out docs/zoo-search
+
+`run` launches, for each method and seed, one multirun of `train.py experiment=zoo` over the
+method's grid (`--factors` times the lr in `conf/peft/<method>.yaml`, 3 significant digits) into
+`<out>/<method>/seed<s>`, and marks it `done` when the multirun succeeds: a rerun skips what is
+done, so a crashed search resumes where it stopped. What follows `--` is passed to every run;
+without it the runs use the search budget `BUDGET` (scale=cpu's 2,000 examples a task, one epoch,
+dev on a fixed 1,000 a task). `--parallel N` runs N multiruns side by side, each with
+cores // N threads (more throughput on a small CPU; the runs' examples/s then is not the zoo's).
+`<out>/search.json` records each method's shipped lr and grid at launch, so a summary made after
+the defaults change still compares against what was shipped.
+
+`summarise` writes `search.md`, `search.csv` and `search.png` and prints the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BUDGET = ["data.limit_train=2000", "trainer.epochs=1", "data.limit_eval=1000", "logger=none",
+          "progress=false"]
+PLAN = "search.json"
+
+
+def methods() -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / "peft").glob("*.yaml"))
+
+
+def shipped_lr(method: str) -> float:
+    return float(OmegaConf.load(REPO / "conf" / "peft" / f"{method}.yaml").lr)
+
+
+def grid(lr: float, factors: list[float]) -> list[str]:
+    return [f"{lr * f:.3g}" for f in factors]
+
+
+def record_plan(out: Path, chosen: list[str], factors: list[float], budget: list[str]) -> dict:
+    """Adds the methods' shipped lr and grid to `<out>/search.json`; a method already there keeps
+    its record (the lr it shipped with when its search began)."""
+    path = out / PLAN
+    plan = json.loads(path.read_text()) if path.is_file() else {"methods": {}}
+    for m in chosen:
+        lr = shipped_lr(m)
+        plan["methods"].setdefault(m, {"shipped_lr": lr, "grid": grid(lr, factors)})
+    plan.setdefault("budget", budget)
+    if plan["budget"] != budget:
+        raise SystemExit(f"error: {path} was searched with {plan['budget']}, not {budget}: "
+                         "use another --out or the same overrides")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    return plan
+
+
+def launch(method: str, seed: int, lrs: list[str], out: Path, budget: list[str],
+           threads: int) -> str:
+    folder = out / method / f"seed{seed}"
+    if (folder / "done").is_file():
+        return f"{method} seed {seed}: done before"
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "experiment=zoo", f"peft={method}",
+           f"peft.lr={','.join(lrs)}", f"seed={seed}", *budget, f"hydra.sweep.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(folder / "search.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        return f"{method} seed {seed}: FAILED (rc {proc.returncode}), see {folder / 'search.log'}"
+    (folder / "done").touch()
+    return f"{method} seed {seed}: lr {','.join(lrs)} done"
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.methods) - set(methods()))
+    if unknown:
+        raise SystemExit(f"error: no conf/peft/<name>.yaml for {unknown}; choose from {methods()}")
+    budget = args.overrides or BUDGET
+    plan = record_plan(args.out, args.methods, args.factors, budget)
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = pool.map(lambda job: launch(job[0], job[1], plan["methods"][job[0]]["grid"],
+                                              args.out, budget, threads), jobs)
+        failed = 0
+        for line in results:
+            print(line, flush=True)
+            failed += "FAILED" in line
+    return 1 if failed else 0
+
+
+def summarise(args: argparse.Namespace) -> int:
+    from reports.tables import collect_runs
+    from reports.tables.search import search_csv, search_markdown, search_plot, verdicts
+
+    plan = json.loads((args.dir / PLAN).read_text())
+    runs, warnings = collect_runs([args.dir])
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    found = verdicts(runs, {m: r["shipped_lr"] for m, r in plan["methods"].items()})
+    out = args.out or args.dir
+    out.mkdir(parents=True, exist_ok=True)
+    text = search_markdown(found)
+    (out / "search.md").write_text(text)
+    (out / "search.csv").write_text(search_csv(found))
+    search_plot(found, out / "search.png")
+    print(text)
+    print(f"wrote search.md, search.csv, search.png to {out}", file=sys.stderr)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    go = sub.add_parser("run", help="launch the grid (resumes: skips what is done)")
+    go.add_argument("--out", type=Path, required=True)
+    go.add_argument("--methods", nargs="+", default=methods())
+    go.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    go.add_argument("--factors", nargs="+", type=float, default=[0.3, 1.0, 3.0])
+    go.add_argument("--parallel", type=int, default=1)
+    report = sub.add_parser("summarise", help="the verdicts: search.md/csv/png")
+    report.add_argument("dir", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="default: DIR")
+    args = parser.parse_args(argv)
+    args.overrides = overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run(args) if args.command == "run" else summarise(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

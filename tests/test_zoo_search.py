@@ -1,0 +1,81 @@
+"""The zoo's defaults search: the verdict rule on known numbers (a clearly better lr must win on
+every common seed, on at least two, by at least MIN_GAIN), and `scripts/zoo_search.py` end to end
+on the tiny model: the grid around the shipped lr, one multirun per method and seed, a rerun that
+skips what is done, and the summary it writes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO
+from reports.tables.search import MIN_GAIN, Point, verdict
+
+SCRIPT = REPO / "scripts" / "zoo_search.py"
+
+
+def points(*grid: tuple[float, dict]) -> list[Point]:
+    return [Point(lr, {str(s): v for s, v in scores.items()}) for lr, scores in grid]
+
+
+def test_a_clearly_better_lr_wins_on_every_common_seed_by_the_minimum_gain():
+    found = verdict("vera", 5e-3, points((1.5e-3, {1: 0.50, 2: 0.52}),
+                                         (5e-3, {1: 0.55, 2: 0.56}),
+                                         (1.5e-2, {1: 0.60, 2: 0.58})))
+    assert found.best.lr == 1.5e-2 and found.clearly_better and found.common == 2
+    assert found.gain == pytest.approx(0.035)
+
+
+@pytest.mark.parametrize("why, grid", [
+    ("loses on seed 2", ((5e-3, {1: 0.55, 2: 0.56}), (1.5e-2, {1: 0.62, 2: 0.555}))),
+    ("one common seed", ((5e-3, {1: 0.55}), (1.5e-2, {1: 0.62, 2: 0.63}))),
+    ("gain below the minimum", ((5e-3, {1: 0.55, 2: 0.56}),
+                                (1.5e-2, {1: 0.55 + MIN_GAIN / 2, 2: 0.56 + MIN_GAIN / 2}))),
+    ("the shipped lr is best", ((5e-3, {1: 0.60, 2: 0.61}), (1.5e-2, {1: 0.55, 2: 0.56}))),
+])
+def test_no_change_without_clear_evidence(why, grid):
+    found = verdict("vera", 5e-3, points(*grid))
+    assert not found.clearly_better, why
+
+
+def test_a_grid_without_the_shipped_lr_has_no_verdict():
+    found = verdict("vera", 5e-3, points((1.5e-2, {1: 0.6, 2: 0.6})))
+    assert found.gain is None and not found.clearly_better
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("zoo_search", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_search_runs_resumes_and_summarises(tmp_path, capsys, data_root, monkeypatch):
+    monkeypatch.setenv("MINBERT_DATA", str(data_root))
+    script = load_script()
+    out = tmp_path / "search"
+    argv = ["run", "--out", str(out), "--methods", "bitfit", "--seeds", "1", "2",
+            "--factors", "1", "10", "--", "scale=smoke"]
+    assert script.main(argv) == 0
+    plan = json.loads((out / "search.json").read_text())
+    assert plan == {"methods": {"bitfit": {"shipped_lr": 1e-3, "grid": ["0.001", "0.01"]}},
+                    "budget": ["scale=smoke"]}
+    runs = sorted(p.parent.parent for p in out.rglob(".hydra/config.yaml"))
+    assert len(runs) == 4 and all((r / "metrics.json").is_file() for r in runs)
+    assert script.main(argv) == 0  # resumes: nothing left to run
+    assert capsys.readouterr().out.count("done before") == 2
+    with pytest.raises(SystemExit, match="was searched with"):
+        script.main(argv[:-1] + ["scale=smoke", "trainer.epochs=2"])
+    assert script.main(["summarise", str(out)]) == 0
+    text = (out / "search.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| bitfit"))
+    assert "0.001: " in row and "(n=2) *" in row and "0.01: " in row
+    assert {p.name for p in out.iterdir()} >= {"search.md", "search.csv", "search.png"}
+    lines = (out / "search.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("method,shipped_lr,lr,seed,dev_overall")
+
+
+def test_an_unknown_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no conf/peft/<name>.yaml for \\['loraa'\\]"):
+        load_script().main(["run", "--out", str(tmp_path), "--methods", "loraa"])
