@@ -17,8 +17,10 @@ mean ± sample std over its runs (seeds). Each table is printed as Markdown and 
 `table{N}.md`, `.csv` and `.tex` (tasks.md, .csv and .tex for the tasks table) into --out (default:
 `<first folder>/tables`); Figure 2's grid (`experiment=figure2`) as `figure2.md/csv/tex` and
 `figure2.png`; the zoo (`experiment=zoo`: every PEFT method, its scores and costs) as
-`zoo.md/csv/tex` and its Pareto plot `zoo-pareto.png`. A missing, failed (`error.txt`) or
-unfinished run leaves a gap, and a note under the table names it. `--reference report` prints,
+`zoo.md/csv/tex` and its Pareto plot `zoo-pareto.png` (a run that overrides `peft.*` or `optim.*`
+settings on the command line is a row of its own: `lora targets=all_linear rank=4`), and where
+the zoo has a rank ladder (`peft.rank=1,2,...`) or DyLoRA curves, `zoo-ranks.png`. A missing,
+failed (`error.txt`) or unfinished run leaves a gap, and a note under the table names it. `--reference report` prints,
 under each table, the report's published dev numbers (bert-base, 10 epochs) beside ours, cell for
 cell, with the difference, and writes it as `<table>-vs-report.md`; `--reference FILE.csv` uses
 other numbers.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from reports.tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, beside,
                             build_tables, collect_runs, figure2, load_reference, markdown,
-                            table_of, write_table, zoo_pareto)
+                            table_of, write_table, zoo_pareto, zoo_ranks)
 
 
 def table_name(value: str) -> str:
@@ -95,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             written.append(figure2(table, out_dir / "figure2.png"))
         if table.layout.name == "zoo":
             written.append(zoo_pareto(table, out_dir / "zoo-pareto.png"))
+            zoo_runs = [run for run in runs if table_of(run) == "zoo"]
+            ranks = zoo_ranks(table, zoo_runs, out_dir / "zoo-ranks.png")
+            written += [ranks] if ranks else []
         side = beside(table, reference) if reference else None
         if side:
             print(side)

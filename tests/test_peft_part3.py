@@ -23,6 +23,7 @@ from minbert.checkpoint import minbert_to_hf_key
 from minbert.peft import adapter_layers, trainable_params
 from minbert.peft.adalora import AdaLora
 from minbert.peft.dylora import DyLora
+from common.errors import ConfigError
 from minbert.peft.hydra import Hydra
 from peft_cases import base_encoder, batch, hf_base, hf_module_name, hidden, loss, model_ids, perturb
 
@@ -297,3 +298,17 @@ def test_dvora_equals_transformers_with_the_merged_weights(model):
                                 list(ours.values()))
     with pytest.raises(AssertionError, match="gradients differ"):
         assert_grads(ours, dict(zip(ours, grads)))
+
+
+def test_dylora_scores_the_curve_at_the_ranks_asked_and_refuses_others():
+    """`curve_ranks` picks the ranks a run scores dev at (the rank ladder's 1, 2, 4, ..., 64
+    without 64 evaluations); null is every rank; a rank outside [r_min, r_max] is refused."""
+    assert list(DyLora(r_min=2, r_max=5).variants()) == [f"dylora/r{b}" for b in (2, 3, 4, 5)]
+    method = DyLora(r_max=64, curve_ranks=[1, 2, 4, 64])
+    assert list(method.variants()) == ["dylora/r1", "dylora/r2", "dylora/r4", "dylora/r64"]
+    with method.variants()["dylora/r4"]:
+        assert method.ranks.eval == 4
+    assert method.ranks.eval == 64
+    for bad in ([0, 4], [65], []):
+        with pytest.raises(ConfigError, match="curve_ranks"):
+            DyLora(r_max=64, curve_ranks=bad)

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config
-from reports.tables.zoo import frontier
+from reports.tables.zoo import frontier, rank_curves
 
 SCRIPT = REPO / "scripts" / "make_tables.py"
 
@@ -104,3 +104,35 @@ def test_swept_settings_are_rows_of_their_own_in_numeric_order(tmp_path, capsys)
         "lora lr=0.0015"]
     assert [r[4] for r in rows] == ["0.560", "0.550", "0.540", "0.520", "0.510", "0.530",
                                     "0.500"]
+
+
+def test_a_rank_ladder_and_dylora_curves_are_drawn_by_rank(tmp_path):
+    """`zoo-ranks.png` reads a line per method and target set from the ladder's rows (mean and
+    std over seeds at each swept rank) and a DyLoRA run's curve from its metrics.json."""
+    from reports.tables import build_tables, collect_runs, zoo_ranks
+
+    sweep = tmp_path / "ladder"
+    i = 0
+    for seed in (1, 2):
+        for rank in (1, 4):
+            for targets in ("attn_qkv", "all_linear"):
+                overall = 0.5 + rank / 100 + (targets == "all_linear") / 10 + seed / 1000
+                write_zoo_run(sweep / str(i), "lora", seed, costs(overall, 1000, 10.0),
+                              (f"peft.rank={rank}", f"peft.targets={targets}"))
+                i += 1
+        curve = {f"dylora/r{b}/dev/overall": 0.4 + b / 100 + seed / 1000 for b in (1, 2, 8)}
+        write_zoo_run(sweep / str(i), "dylora", seed, {**costs(0.5, 10, 1.0), **curve},
+                      ("peft.r_max=8",))
+        i += 1
+    runs, _ = collect_runs([sweep])
+    table = build_tables(runs, ["zoo"])[0]
+    curves = rank_curves(table, runs)
+    assert sorted(curves) == ["dylora curve r_max=8", "lora targets=all_linear",
+                              "lora targets=attn_qkv"]
+    assert [(r, round(m, 4)) for r, m, _ in curves["lora targets=attn_qkv"]] == [
+        (1.0, 0.5115), (4.0, 0.5415)]
+    assert [(r, round(m, 4)) for r, m, _ in curves["dylora curve r_max=8"]] == [
+        (1, 0.4115), (2, 0.4215), (8, 0.4815)]
+    assert curves["lora targets=all_linear"][0][2] == pytest.approx(0.000707, abs=1e-6)
+    png = zoo_ranks(table, runs, tmp_path / "zoo-ranks.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,8 @@ for the whole model (from the run's generator: reproducible, and restored on res
 truncated factors, W = W0 + (α / b) B[:, :b] A[:b]. With `frozen` (the paper's "frozen" mode)
 only the b-th row of A and the b-th column of B train in that step. At evaluation the rank is
 `eval_rank` (default r_max), and a run also scores dev at every rank in one pass (`variants`: the
-curve goes into metrics.json and `dylora_ranks.png`). For a fixed b the layer is exactly LoRA of
+curve goes into metrics.json and `dylora_ranks.png`), or at `curve_ranks` only (r_max = 64 scored
+at 1, 2, 4, ..., 64 rather than 64 times). For a fixed b the layer is exactly LoRA of
 rank b with the same α on the truncated factors (tests/test_peft_part3.py checks it against peft).
 """
 from __future__ import annotations
@@ -77,6 +78,7 @@ class DyLora(AdapterConfig, NoHooks):
     alpha: float = 16.0
     frozen: bool = False
     eval_rank: int | None = None  # None: r_max
+    curve_ranks: list[int] | None = None  # the ranks dev is scored at after training; None: all
     name: ClassVar[str] = "dylora"
     capabilities: ClassVar[Capabilities] = Capabilities()
     rank_options: ClassVar[tuple[str, ...]] = ("r_max",)  # r_min: in [1, r_max], below
@@ -90,6 +92,14 @@ class DyLora(AdapterConfig, NoHooks):
             raise ConfigError(f"eval_rank={self.eval_rank} must be in [r_min, r_max] = "
                               f"[{self.r_min}, {self.r_max}]")
         self.ranks = RankState(self.r_max, self.eval_rank)
+        span = range(self.r_min, self.r_max + 1)
+        if self.curve_ranks is None:
+            self.curve_ranks = list(span)
+        self.curve_ranks = [int(b) for b in self.curve_ranks]
+        outside = [b for b in self.curve_ranks if b not in span]
+        if outside or not self.curve_ranks:
+            raise ConfigError(f"curve_ranks={self.curve_ranks} must be ranks in [r_min, r_max] = "
+                              f"[{self.r_min}, {self.r_max}] (null: every one)")
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         adapt(encoder, self.targets, lambda linear: DyLoraLinear(
@@ -117,8 +127,9 @@ class DyLora(AdapterConfig, NoHooks):
         self.ranks.train = int(state["train_rank"])
 
     def variants(self) -> dict[str, contextlib.AbstractContextManager]:
-        """One evaluation per rank: `dylora/r{b}` -> the context that evaluates at rank b."""
-        return {f"dylora/r{b}": self.at_rank(b) for b in range(self.r_min, self.r_max + 1)}
+        """One evaluation per rank of the curve: `dylora/r{b}` -> the context that evaluates at
+        rank b."""
+        return {f"dylora/r{b}": self.at_rank(b) for b in self.curve_ranks}
 
     @contextlib.contextmanager
     def at_rank(self, b: int):

@@ -10,8 +10,8 @@ from .figure import figure2
 from .layouts import Table
 from .reference import REFERENCES, ReferenceError, beside, load_reference
 from .render import csv_text, latex, markdown, write_table
-from .zoo import zoo_pareto
+from .zoo import zoo_pareto, zoo_ranks
 
 __all__ = ["LAYOUTS", "NoRunsError", "REFERENCES", "ReferenceError", "Run", "Table", "beside",
            "build_tables", "collect_runs", "csv_text", "figure2", "latex", "load_reference",
-           "markdown", "table_of", "write_table", "zoo_pareto"]
+           "markdown", "table_of", "write_table", "zoo_pareto", "zoo_ranks"]

@@ -9,6 +9,7 @@ peak memory and the size of the weights it saves (each the mean over seeds).
 methods no other beats on both axes (fewer parameters or less time, and a higher score)."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -124,6 +125,66 @@ def zoo_pareto(table: Table, path: Path) -> Path:
                [cost(r.cells[column.key].mean) for r in have],
                [r.cells[OVERALL.key].mean for r in have], xlabel, log)
     figure.suptitle(table.layout.title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _rank_of(settings: tuple[str, ...]) -> tuple[float | None, str]:
+    """(the rank a row's settings set, its other settings joined): a rank ladder's line."""
+    rank, rest = None, []
+    for s in settings:
+        name, _, value = s.partition("=")
+        if name == "rank":
+            rank = float(value)
+        else:
+            rest.append(s)
+    return rank, " ".join(rest)
+
+
+def rank_curves(table: Table, runs: list[Run]) -> dict[str, list[tuple[float, float, float]]]:
+    """Each line of the rank plot as (rank, mean, std) points: every method with rows at swept
+    ranks (`peft.rank=...`), one line per its other settings; and each DyLoRA setting's one-run
+    curve (its runs' `dylora/r<b>/dev/overall`, the mean over seeds)."""
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for row in table.rows:
+        rank, rest = _rank_of(row.key[1:])
+        cell = row.cells[OVERALL.key]
+        if rank is not None and cell.mean is not None:
+            name = " ".join(p for p in (row.key[0], rest) if p)
+            curves.setdefault(name, []).append((rank, cell.mean, cell.std or 0.0))
+    dylora: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        scores = {int(k.split("/")[1][1:]): v for k, v in run.metrics.items()
+                  if k.startswith("dylora/r") and k.endswith("/dev/overall")}
+        name = " ".join(("dylora curve", *method_of(run)[1:]))
+        for b, v in scores.items():
+            dylora.setdefault(name, {}).setdefault(b, []).append(v)
+    for name, by_rank in dylora.items():
+        curves[name] = [(b, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                        for b, v in sorted(by_rank.items())]
+    return {name: sorted(points) for name, points in curves.items()}
+
+
+def zoo_ranks(table: Table, runs: list[Run], path: Path) -> Path | None:
+    """`zoo-ranks.png`: dev overall against rank (log 2), a line per method and target set of a
+    rank ladder and a dashed one per DyLoRA curve; None where the runs have neither."""
+    curves = rank_curves(table, runs)
+    if not curves:
+        return None
+    figure = Figure(figsize=(8, 5.5))
+    axes = figure.add_subplot(1, 1, 1)
+    for name, points in curves.items():
+        xs, ys, errs = zip(*points)
+        axes.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name,
+                      linestyle="--" if name.startswith("dylora curve") else "-")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("rank")
+    axes.set_ylabel("dev overall")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
+    axes.set_title("The rank ladder: dev overall against rank (mean ± std over seeds)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
