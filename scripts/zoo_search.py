@@ -8,7 +8,8 @@ over seeds, and which lr is clearly better (`reports/tables/search.py` says what
 
 `run` launches, for each method and seed, one multirun of `train.py experiment=zoo` over the
 method's grid (`--factors` times the lr in `conf/peft/<method>.yaml`, 3 significant digits) into
-`<out>/<method>/seed<s>`, and marks it `done` when the multirun succeeds: a rerun skips what is
+`<out>/<method>/seed<s>` (another set of factors, say a point past the edge the best lr sat on,
+into `seed<s>-x10`), and marks it `done` when the multirun succeeds: a rerun skips what is
 done, so a crashed search resumes where it stopped. What follows `--` is passed to every run;
 without it the runs use the search budget `BUDGET` (scale=cpu's 2,000 examples a task, one epoch,
 dev on a fixed 1,000 a task). `--parallel N` runs N multiruns side by side, each with
@@ -33,6 +34,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+FACTORS = [0.3, 1.0, 3.0]
 BUDGET = ["data.limit_train=2000", "trainer.epochs=1", "data.limit_eval=1000", "logger=none",
           "progress=false"]
 PLAN = "search.json"
@@ -56,8 +58,9 @@ def record_plan(out: Path, chosen: list[str], factors: list[float], budget: list
     path = out / PLAN
     plan = json.loads(path.read_text()) if path.is_file() else {"methods": {}}
     for m in chosen:
-        lr = shipped_lr(m)
-        plan["methods"].setdefault(m, {"shipped_lr": lr, "grid": grid(lr, factors)})
+        record = plan["methods"].setdefault(m, {"shipped_lr": shipped_lr(m), "grid": []})
+        record["grid"] += [lr for lr in grid(record["shipped_lr"], factors)
+                           if lr not in record["grid"]]
     plan.setdefault("budget", budget)
     if plan["budget"] != budget:
         raise SystemExit(f"error: {path} was searched with {plan['budget']}, not {budget}: "
@@ -67,9 +70,14 @@ def record_plan(out: Path, chosen: list[str], factors: list[float], budget: list
     return plan
 
 
-def launch(method: str, seed: int, lrs: list[str], out: Path, budget: list[str],
+def folder_of(out: Path, method: str, seed: int, factors: list[float]) -> Path:
+    """`<out>/<method>/seed<s>` for the default grid, `.../seed<s>-x10` for another (an edge)."""
+    tag = "" if factors == FACTORS else "-x" + "_".join(f"{f:g}" for f in factors)
+    return out / method / f"seed{seed}{tag}"
+
+
+def launch(method: str, seed: int, lrs: list[str], folder: Path, budget: list[str],
            threads: int) -> str:
-    folder = out / method / f"seed{seed}"
     if (folder / "done").is_file():
         return f"{method} seed {seed}: done before"
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,9 +100,15 @@ def run(args: argparse.Namespace) -> int:
     plan = record_plan(args.out, args.methods, args.factors, budget)
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
+
+    def one(job: tuple[str, int]) -> str:
+        method, seed = job
+        lrs = grid(plan["methods"][method]["shipped_lr"], args.factors)
+        return launch(method, seed, lrs, folder_of(args.out, method, seed, args.factors),
+                      budget, threads)
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = pool.map(lambda job: launch(job[0], job[1], plan["methods"][job[0]]["grid"],
-                                              args.out, budget, threads), jobs)
+        results = pool.map(one, jobs)
         failed = 0
         for line in results:
             print(line, flush=True)
@@ -132,7 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     go.add_argument("--out", type=Path, required=True)
     go.add_argument("--methods", nargs="+", default=methods())
     go.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
-    go.add_argument("--factors", nargs="+", type=float, default=[0.3, 1.0, 3.0])
+    go.add_argument("--factors", nargs="+", type=float, default=FACTORS,
+                    help="times the shipped lr (default 0.3 1 3); another set (10, past an "
+                         "edge the best sat on) runs into seed<s>-x10")
     go.add_argument("--parallel", type=int, default=1)
     report = sub.add_parser("summarise", help="the verdicts: search.md/csv/png")
     report.add_argument("dir", type=Path)

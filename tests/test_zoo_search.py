@@ -67,13 +67,19 @@ def test_the_search_runs_resumes_and_summarises(tmp_path, capsys, data_root, mon
     assert capsys.readouterr().out.count("done before") == 2
     with pytest.raises(SystemExit, match="was searched with"):
         script.main(argv[:-1] + ["scale=smoke", "trainer.epochs=2"])
+    edge = ["run", "--out", str(out), "--methods", "bitfit", "--seeds", "1", "--factors", "30",
+            "--", "scale=smoke"]  # a point past the grid's edge: a folder of its own
+    assert script.main(edge) == 0
+    assert (out / "bitfit" / "seed1-x30" / "done").is_file()
+    assert json.loads((out / "search.json").read_text())["methods"]["bitfit"]["grid"] == [
+        "0.001", "0.01", "0.03"]
     assert script.main(["summarise", str(out)]) == 0
     text = (out / "search.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| bitfit"))
-    assert "0.001: " in row and "(n=2) *" in row and "0.01: " in row
+    assert "0.001: " in row and "(n=2) *" in row and "0.01: " in row and "0.03: " in row
     assert {p.name for p in out.iterdir()} >= {"search.md", "search.csv", "search.png"}
     lines = (out / "search.csv").read_text().splitlines()
-    assert len(lines) == 5 and lines[0].startswith("method,shipped_lr,lr,seed,dev_overall")
+    assert len(lines) == 6 and lines[0].startswith("method,shipped_lr,lr,seed,dev_overall")
 
 
 def test_an_unknown_method_is_refused(tmp_path):
