@@ -25,7 +25,7 @@ def sweep_params(experiment: str) -> dict[str, list[str]]:
 
 
 def test_groups_of_the_experiments(compose_cfg):
-    assert options("experiment") == ["figure2", "table1", "table2", "table3", "zoo"]
+    assert options("experiment") == ["figure2", "table1", "table2", "table3", "zoo", "zoo_ranks"]
     assert options("scale") == ["cpu", "full", "smoke"]
     assert len(options("table2")) == 8 and len(options("table3")) == 9
     assert options("sweep") == ["optuna_dora", "optuna_lora"]
@@ -142,16 +142,25 @@ def test_the_zoo_sweeps_every_peft_choice_with_one_strategy(compose_cfg):
     assert cfg.trainer.optimizer.lr == cfg.peft.lr and cfg.experiment_name == "zoo"
 
 
-@pytest.mark.slow  # about a minute and a half: 1 + 18 + 24 + 9 + 21 smoke runs
+def test_the_rank_ladder_is_the_zoo_over_lora_and_dora_ranks_and_targets(compose_cfg):
+    assert sweep_params("zoo_ranks") == {"peft": ["lora", "dora"],
+                                         "peft.rank": ["1", "2", "4", "8", "16", "64"],
+                                         "peft.targets": ["attn_qkv", "all_linear"]}
+    cfg = compose_cfg(["experiment=zoo_ranks", "peft=dora", "peft.rank=64"])
+    assert composition(cfg) == ("Sampled", "sum", "KeepBest") and cfg.heads.design == "joint"
+    assert cfg.experiment_name == "zoo" and cfg.peft.rank == 64 and cfg.peft.alpha == 16
+
+
+@pytest.mark.slow  # about two minutes: 1 + 18 + 24 + 9 + 21 + 24 smoke runs
 @pytest.mark.parametrize("experiment,runs", [("table1", 1), ("figure2", 18), ("table2", 24),
-                                             ("table3", 9), ("zoo", 21)])
+                                             ("table3", 9), ("zoo", 21), ("zoo_ranks", 24)])
 def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, experiment, runs):
     sweep = tmp_path / "sweep"
     train_cli("-m", f"experiment={experiment}", "scale=smoke",
               f"data.root={shared_synthetic_root}", f"hydra.sweep.dir={sweep}")
     done = finished_runs(sweep)
     assert len(done) == runs and not list(sweep.rglob("error.txt"))
-    assert {r["cfg"]["experiment_name"] for r in done} == {experiment}
+    assert {r["cfg"]["experiment_name"] for r in done} == {experiment.replace("_ranks", "")}
     assert {r["cfg"]["model"]["name"] for r in done} == {"tiny"}
     for run in done:
         assert 0.0 <= run["metrics"]["dev/overall"] <= 1.0
@@ -164,6 +173,16 @@ def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, exper
         assert sorted(row.split(" | ")[0][2:].split(" ")[0] for row in rows) == options("peft")
         assert all(" / s | " in row and "MiB" in row for row in rows)
         assert (sweep / "tables" / "zoo-pareto.png").is_file()
+    if experiment == "zoo_ranks":  # a row per method, target set and rank, and the rank plot
+        proc = subprocess.run([sys.executable, "scripts/make_tables.py", str(sweep), "--table",
+                               "zoo"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        rows = [line.split(" | ")[0][2:] for line in proc.stdout.splitlines()
+                if line.startswith("| ")][2:]
+        assert rows[:3] == ["dora targets=all_linear rank=1", "dora targets=all_linear rank=2",
+                            "dora targets=all_linear rank=4"] and len(rows) == 24
+        assert "lora targets=attn_qkv rank=64" in rows
+        assert (sweep / "tables" / "zoo-ranks.png").is_file()
 
 
 def test_failed_job_is_reported_and_the_others_kept(tmp_path, shared_synthetic_root):
