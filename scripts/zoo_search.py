@@ -66,7 +66,9 @@ def record_plan(out: Path, chosen: list[str], factors: list[float], budget: list
         raise SystemExit(f"error: {path} was searched with {plan['budget']}, not {budget}: "
                          "use another --out or the same overrides")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan, indent=2) + "\n")
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # whole or not at all: two searches
+    partial.write_text(json.dumps(plan, indent=2) + "\n")  # into one folder may write at once
+    os.replace(partial, path)
     return plan
 
 
