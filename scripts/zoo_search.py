@@ -17,6 +17,9 @@ cores // N threads (more throughput on a small CPU; the runs' examples/s then is
 `<out>/search.json` records each method's shipped lr and grid at launch, so a summary made after
 the defaults change still compares against what was shipped.
 
+`peft=frozen` trains only the heads, so its grid is their lr: its runs add `trainer.head_lr=null`
+(else the heads learn at head_lr and the grid's peft.lr is refused as a conflict).
+
 `summarise` writes `search.md`, `search.csv` and `search.png` and prints the Markdown.
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ FACTORS = [0.3, 1.0, 3.0]
 BUDGET = ["data.limit_train=2000", "trainer.epochs=1", "data.limit_eval=1000", "logger=none",
           "progress=false"]
 PLAN = "search.json"
+# frozen trains only the heads: its grid is their lr, which trainer.head_lr (1e-3) sets unless null
+METHOD_OVERRIDES = {"frozen": ["trainer.head_lr=null"]}
 
 
 def methods() -> list[str]:
@@ -84,7 +89,8 @@ def launch(method: str, seed: int, lrs: list[str], folder: Path, budget: list[st
         return f"{method} seed {seed}: done before"
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "experiment=zoo", f"peft={method}",
-           f"peft.lr={','.join(lrs)}", f"seed={seed}", *budget, f"hydra.sweep.dir={folder}"]
+           f"peft.lr={','.join(lrs)}", f"seed={seed}", *budget,
+           *METHOD_OVERRIDES.get(method, []), f"hydra.sweep.dir={folder}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(folder / "search.log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from conftest import REPO, smoke_overrides, trained_run
@@ -164,6 +165,30 @@ def test_frozen_encoder_trains_only_the_heads(synthetic_root, tmp_path):
     for task in tasks:
         want = read_predictions(tmp_path / "predictions" / f"{task.name}-dev-output.csv")
         np.testing.assert_allclose(predict(ctx, task, data["dev"][task.name]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, heads_lr", [
+    (["peft.lr=3e-4"], None),  # heads at head_lr=1e-3, peft.lr set nothing: refused
+    (["peft.lr=3e-4", "trainer.head_lr=null"], 3e-4),
+    (["peft.lr=3e-4", "trainer.head_lr=3e-4"], 3e-4),
+    ([], 1e-3)])
+def test_a_frozen_encoder_s_heads_learn_at_one_lr_or_the_conflict_is_named(compose_cfg, overrides,
+                                                                           heads_lr):
+    """With nothing of the encoder training, trainer.head_lr is the heads' lr: a different
+    peft.lr would be silently ignored, so it is refused; head_lr=null hands them peft.lr."""
+    from trainers.engine.optim import build_optimizer
+
+    cfg = compose_cfg(["peft=frozen", "trainer=interleaved", "model=tiny", *overrides])
+    method = build_method(cfg)
+    model = build_model(cfg, get_tasks(list(cfg.tasks)), method)
+    partial = instantiate(cfg.trainer.optimizer)
+    if heads_lr is None:
+        with pytest.raises(ConfigError, match=r"head_lr=0.001, so trainer.optimizer.lr=0.0003 "
+                                              r"\(peft.lr\) would set nothing"):
+            build_optimizer(partial, model, cfg.trainer.head_lr, method)
+        return
+    optimizer = build_optimizer(partial, model, cfg.trainer.head_lr, method)
+    assert [g["lr"] for g in optimizer.param_groups] == [heads_lr]
 
 
 def test_frozen_encoder_merges_as_a_zero_update(synthetic_root, tmp_path):

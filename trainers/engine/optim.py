@@ -11,6 +11,7 @@ is a conflict between config keys and stops the run naming both, never a silent 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from transformers import get_scheduler
@@ -56,6 +57,20 @@ def param_groups(model: torch.nn.Module, head_lr: float | None = None) -> list[d
     return groups
 
 
+def check_heads_only_lr(partial, model: torch.nn.Module, head_lr: float | None, method) -> None:
+    """Where only the task heads train (`peft=frozen`), trainer.head_lr is their lr and the
+    optimizer's lr (`peft.lr`) would set nothing: two different values are a conflict."""
+    lr = partial.keywords.get("lr") if isinstance(partial, functools.partial) else None
+    if (head_lr is None or lr is None or math.isclose(head_lr, lr)
+            or any(True for _ in trainable_params(model.encoder))):
+        return
+    name = f"peft={method.name}" if method is not None else "a frozen encoder"
+    raise ConfigError(
+        f"only the task heads train ({name}): they learn at trainer.head_lr={head_lr}, so "
+        f"trainer.optimizer.lr={lr} (peft.lr) would set nothing; give both the same value, or "
+        "trainer.head_lr=null to train the heads at peft.lr")
+
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -86,6 +101,7 @@ def build_optimizer(partial, model: torch.nn.Module, head_lr: float | None = Non
     if state_bits not in STATE_BITS:
         raise ConfigError(f"optim.state_bits={state_bits!r}; use one of {list(STATE_BITS)}")
     hooks = training_hooks(method) if hooks is None else hooks
+    check_heads_only_lr(partial, model, head_lr, method)
     groups = hooks.param_groups(model, param_groups(model, head_lr))
     bits = f"optim.state_bits={state_bits}" if state_bits != 32 else ""
     if method is not None and capabilities(method).own_optimizer:
