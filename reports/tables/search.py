@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from .collect import Run
 from .zoo import settings_of
@@ -154,6 +155,7 @@ def search_plot(found: list[Verdict], path: Path) -> Path:
                   color="tab:red" if v.clearly_better else "tab:blue")
         axes.axvline(v.shipped, linestyle="--", color="black", linewidth=0.8)
         axes.set_xscale("log")
+        axes.xaxis.set_minor_formatter(NullFormatter())  # no crowded 2x10^-4 labels
         axes.set_title(v.method, fontsize=9)
         axes.tick_params(labelsize=7)
     figure.suptitle("dev overall against lr (dashed: shipped lr; red: a clearly better lr)")
