@@ -35,7 +35,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 FACTORS = [0.3, 1.0, 3.0]
 BUDGET = ["data.limit_train=2000", "trainer.epochs=1", "data.limit_eval=1000", "logger=none",
