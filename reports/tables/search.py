@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from .collect import Run
-from .zoo import settings_of
+from .zoo import save_figure, settings_of
 
 MIN_GAIN = 0.005
 OVERALL = "dev/overall"
@@ -159,7 +159,4 @@ def search_plot(found: list[Verdict], path: Path) -> Path:
         axes.set_title(v.method, fontsize=9)
         axes.tick_params(labelsize=7)
     figure.suptitle("dev overall against lr (dashed: shipped lr; red: a clearly better lr)")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return save_figure(figure, path, dpi=110)

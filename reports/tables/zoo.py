@@ -82,6 +82,14 @@ ZOO = Layout(
             ("head designs", design_of)))
 
 
+def save_figure(figure: Figure, path: Path, dpi: int = 120) -> Path:
+    """Lays the figure out and writes it as `path` (its folder made if missing)."""
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
 def frontier(points: list[tuple[float, float]]) -> list[int]:
     """The indices of the Pareto-optimal points, by ascending x: no other point has an x as low
     or lower and a higher y (x: a cost, lower is better; y: a score, higher is better)."""
@@ -125,10 +133,7 @@ def zoo_pareto(table: Table, path: Path) -> Path:
                [cost(r.cells[column.key].mean) for r in have],
                [r.cells[OVERALL.key].mean for r in have], xlabel, log)
     figure.suptitle(table.layout.title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure(figure, path)
 
 
 def _rank_of(settings: tuple[str, ...]) -> tuple[float | None, str]:
@@ -185,7 +190,4 @@ def zoo_ranks(table: Table, runs: list[Run], path: Path) -> Path | None:
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
     axes.set_title("The rank ladder: dev overall against rank (mean ± std over seeds)")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
+    return save_figure(figure, path)
