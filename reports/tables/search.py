@@ -49,10 +49,6 @@ class Verdict:
     common: int  # seeds the best and the shipped point share
     clearly_better: bool
 
-    @property
-    def shipped_point(self) -> Point | None:
-        return next((p for p in self.points if math.isclose(p.lr, self.shipped)), None)
-
 
 def lr_of(run: Run) -> float | None:
     """The lr a search run set on the command line (`peft.lr=...`), None for any other run."""
