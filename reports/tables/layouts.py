@@ -132,7 +132,9 @@ def _one_slot(run: Run) -> str:
     return ""
 
 
-def _score_columns(slot_by_task: bool) -> tuple[Column, ...]:
+def score_columns(slot_by_task: bool) -> tuple[Column, ...]:
+    """The three dev-score columns (SST acc, Quora acc, STS Pearson), shared by the report tables and
+    the zoo; slot_by_task: each reads only the runs in its task's slot (Table 2)."""
     metrics = {"sst": "sst/dev/acc", "para": "para/dev/acc", "sts": "sts/dev/pearson"}
     keys = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_corr"}
     return tuple(Column(keys[t], TASK_TITLES[t], metrics[t], t if slot_by_task else "")
@@ -145,7 +147,7 @@ OVERALL = Column("overall", "Overall", "dev/overall")
 TABLE1 = Layout(
     name="table1", title="Table 1: full fine-tuning, the submitted model (dev)",
     label_keys=("model",), label_titles=("Model",),
-    columns=(*_score_columns(False), OVERALL, PARAMS),
+    columns=(*score_columns(False), OVERALL, PARAMS),
     canonical=(("joint", "sst-para-sts"),),
     row_of=lambda run: (design_of(run), order_name(run)),
     labels=lambda key: (f"Full fine-tuning ({DESIGNS.get(key[0], key[0]).lower()}, "
@@ -157,7 +159,7 @@ TABLE1 = Layout(
 FIGURE2 = Layout(
     name="figure2", title="Figure 2: full fine-tuning by head design and task order (dev)",
     label_keys=("design", "order"), label_titles=("Design", "Task order"),
-    columns=(*_score_columns(False), OVERALL),
+    columns=(*score_columns(False), OVERALL),
     canonical=tuple((d, o) for d in DESIGNS for o in ORDERS),
     row_of=lambda run: (design_of(run), order_name(run)),
     labels=lambda key: (DESIGNS.get(key[0], key[0]), order_label(key[1])),
@@ -199,7 +201,7 @@ def _table2_reference(key: RowKey) -> str | None:
 TABLE2 = Layout(
     name="table2", title="Table 2: single-task PEFT (dev)",
     label_keys=("method", "rank"), label_titles=("Method", "Rank"),
-    columns=(PARAMS, *_score_columns(True)),
+    columns=(PARAMS, *score_columns(True)),
     canonical=tuple(TABLE2_ROWS),
     row_of=_table2_row,
     labels=lambda key: (_table2_method(key), key[3]),
@@ -251,7 +253,7 @@ def _table3_reference(key: RowKey) -> str | None:
 TABLE3 = Layout(
     name="table3", title="Table 3: multi-task strategies (dev)",
     label_keys=("strategy",), label_titles=("Strategy",),
-    columns=(PARAMS, *_score_columns(False), OVERALL),
+    columns=(PARAMS, *score_columns(False), OVERALL),
     canonical=(*(("sequential", o) for o in ORDERS), ("eoe", ""), ("merged", "linear"),
                ("orthoada", "")),
     row_of=strategy_of, labels=lambda key: (strategy_label(key),), describe=strategy_label,

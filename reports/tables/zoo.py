@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from .collect import Run
-from .layouts import (OVERALL, PARAMS, Column, Layout, RowKey, Table, _score_columns,
+from .layouts import (OVERALL, PARAMS, Column, Layout, RowKey, Table, score_columns,
                       describe_peft, design_of, model_of)
 from .task_table import strategy, strategy_label
 
@@ -74,7 +74,7 @@ def _label(key: RowKey) -> tuple[str, ...]:
 ZOO = Layout(
     name="zoo", title="The zoo: PEFT methods side by side (dev, and what each costs)",
     label_keys=("peft",), label_titles=("PEFT method",),
-    columns=(*_score_columns(False), OVERALL, PARAMS, TRAINABLE, SPEED, OPTIMIZER, PEAK, SAVED),
+    columns=(*score_columns(False), OVERALL, PARAMS, TRAINABLE, SPEED, OPTIMIZER, PEAK, SAVED),
     canonical=(), row_of=method_of, labels=_label, order=row_order,
     describe=lambda key: " ".join((f"peft={key[0]}", *key[1:])),
     slot_of=lambda run: "",
