@@ -12,6 +12,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from adjustText import adjust_text
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .collect import Run
@@ -102,27 +104,35 @@ def frontier(points: list[tuple[float, float]]) -> list[int]:
     return out
 
 
-def _panel(axes, names: list[str], xs: list[float], ys: list[float], xlabel: str,
-           log: bool) -> None:
-    axes.scatter(xs, ys, color="tab:blue", zorder=2)
-    for name, x, y in zip(names, xs, ys):
-        axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+def _panel(axes, names: list[str], xs: list[float], ys: list[float], errs: list[float],
+           xlabel: str, log: bool) -> None:
+    """One Pareto panel: points with their std over seeds, the frontier, the heads-only baseline
+    (`frozen`, dashed) where it ran, and labels pushed apart by adjustText."""
+    axes.errorbar(xs, ys, yerr=errs, fmt="o", color="tab:blue", ecolor="tab:gray", elinewidth=1,
+                  capsize=2, zorder=2)
     best = frontier(list(zip(xs, ys)))
     axes.step([xs[i] for i in best], [ys[i] for i in best], where="post", color="tab:red",
               label="Pareto frontier", zorder=1)
+    if "frozen" in names:
+        axes.axhline(ys[names.index("frozen")], color="tab:gray", linestyle="--", linewidth=1,
+                     label="heads only (frozen encoder)", zorder=0)
     if log:
         axes.set_xscale("log")
     axes.set_xlabel(xlabel)
-    axes.set_ylabel("dev overall")
+    axes.set_ylabel("dev overall (mean ± std over seeds)")
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="best", fontsize=8)
+    texts = [axes.text(x, y, name, fontsize=7) for name, x, y in zip(names, xs, ys)]
+    adjust_text(texts, x=xs, y=ys, ax=axes, arrowprops={"arrowstyle": "-", "color": "tab:gray",
+                                                        "lw": 0.5})
 
 
 def zoo_pareto(table: Table, path: Path) -> Path:
     """`zoo-pareto.png`: dev overall against trainable parameters and against milliseconds of
     training per example, one point per method with both numbers, and each panel's frontier."""
     rows = [r for r in table.rows if r.cells[OVERALL.key].mean is not None]
-    figure = Figure(figsize=(13, 5.5))
+    figure = Figure(figsize=(13, 6))
+    FigureCanvasAgg(figure)  # adjustText measures the labels with the canvas's renderer
     for axes, column, xlabel, cost, log in (
             (figure.add_subplot(1, 2, 1), TRAINABLE, "trainable parameters (log scale)",
              lambda v: v, True),
@@ -131,7 +141,8 @@ def zoo_pareto(table: Table, path: Path) -> Path:
         have = [r for r in rows if r.cells[column.key].mean]
         _panel(axes, [" ".join(r.key) for r in have],
                [cost(r.cells[column.key].mean) for r in have],
-               [r.cells[OVERALL.key].mean for r in have], xlabel, log)
+               [r.cells[OVERALL.key].mean for r in have],
+               [r.cells[OVERALL.key].std or 0.0 for r in have], xlabel, log)
     figure.suptitle(table.layout.title)
     return save_figure(figure, path)
 
