@@ -33,8 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reports.tables import (LAYOUTS, REFERENCES, NoRunsError, ReferenceError, beside,
-                            build_tables, collect_runs, figure2, load_reference, markdown,
-                            table_of, write_table, zoo_pareto, zoo_ranks)
+                            build_tables, collect_runs, figure2, load_reference,
+                            margins_markdown, markdown, table_of, write_table, zoo_pareto,
+                            zoo_ranks)
 
 
 def table_name(value: str) -> str:
@@ -65,6 +66,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _names(names: Sequence[str]) -> str:
     return ", ".join("the tasks table" if n == "tasks" else
                      n.replace("table", "Table ").replace("figure", "Figure ") for n in names)
+
+
+def _write_margins(runs: list, path: Path) -> list[Path]:
+    """`zoo-margins.md` (printed too) where the heads-only baseline ran, else nothing."""
+    text = margins_markdown(runs)
+    if text is None:
+        return []
+    print(text)
+    path.write_text(text, encoding="utf-8")
+    return [path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             zoo_runs = [run for run in runs if table_of(run) == "zoo"]
             ranks = zoo_ranks(table, zoo_runs, out_dir / "zoo-ranks.png")
             written += [ranks] if ranks else []
+            written += _write_margins(zoo_runs, out_dir / "zoo-margins.md")
         side = beside(table, reference) if reference else None
         if side:
             print(side)

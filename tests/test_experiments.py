@@ -169,10 +169,16 @@ def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, exper
         proc = subprocess.run([sys.executable, "scripts/make_tables.py", str(sweep), "--table",
                                "zoo"], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+        table = (sweep / "tables" / "zoo.md").read_text()
+        rows = [line for line in table.splitlines() if line.startswith("| ")][2:]
         assert sorted(row.split(" | ")[0][2:].split(" ")[0] for row in rows) == options("peft")
         assert all(" / s | " in row and "MiB" in row for row in rows)
         assert (sweep / "tables" / "zoo-pareto.png").is_file()
+        margins = (sweep / "tables" / "zoo-margins.md").read_text()  # each against frozen
+        rows = [line for line in margins.splitlines() if line.startswith("| ")][2:]
+        assert sorted(row.split(" | ")[0][2:].split(" ")[0] for row in rows) == sorted(
+            set(options("peft")) - {"frozen"})
+        assert margins in proc.stdout
     if experiment == "zoo_ranks":  # a row per method, target set and rank, and the rank plot
         proc = subprocess.run([sys.executable, "scripts/make_tables.py", str(sweep), "--table",
                                "zoo"], cwd=REPO, capture_output=True, text=True, timeout=300)

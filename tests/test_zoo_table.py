@@ -11,6 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose_config
+from reports.tables.collect import Run
+from reports.tables.margins import margins, margins_markdown
 from reports.tables.zoo import frontier, rank_curves
 
 SCRIPT = REPO / "scripts" / "make_tables.py"
@@ -136,3 +138,32 @@ def test_a_rank_ladder_and_dylora_curves_are_drawn_by_rank(tmp_path):
     assert curves["lora targets=all_linear"][0][2] == pytest.approx(0.000707, abs=1e-6)
     png = zoo_ranks(table, runs, tmp_path / "zoo-ranks.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(tmp_path, peft: str, seed: int, overall: float, *overrides: str) -> Run:
+    """A finished zoo run with only what the margins read: its choice, seed, overrides, score."""
+    return Run(tmp_path / f"{peft}-{seed}-{len(overrides)}", {"seed": seed}, "finished",
+               {"dev/overall": overall}, choices={"peft": peft}, overrides=overrides)
+
+
+def test_margins_pair_each_row_with_the_heads_only_baseline_by_seed(tmp_path):
+    runs = [fake_run(tmp_path, *args) for args in (
+        ("frozen", 1, 0.50), ("frozen", 2, 0.60),
+        ("lora", 1, 0.55), ("lora", 2, 0.62),             # +0.05, +0.02: clearly
+        ("lora", 1, 0.49, "peft.lr=0.1"), ("lora", 2, 0.58, "peft.lr=0.1"),  # below on both
+        ("ia3", 1, 0.51), ("ia3", 2, 0.59),               # +0.01, -0.01: level
+        ("vera", 1, 0.503), ("vera", 2, 0.603),           # above on both, mean gain < MIN_GAIN
+        ("prompt", 1, 0.70),                              # one seed
+        ("dora", 3, 0.70))]                               # no seed in common
+    found = {" ".join(m.key): m for m in margins(runs)}
+    assert list(found) == ["dora", "ia3", "lora", "lora lr=0.1", "prompt", "vera"]
+    assert found["lora"].gain == pytest.approx(0.035) and found["lora"].clearly_beats
+    assert found["lora lr=0.1"].verdict == "below it on every seed"
+    assert found["ia3"].gain == pytest.approx(0.0) and found["ia3"].verdict.startswith("level")
+    assert found["vera"].verdict == "above it, not clearly" and not found["vera"].clearly_beats
+    assert found["prompt"].verdict == "above it (one seed)"
+    assert found["dora"].gain is None and found["dora"].verdict.startswith("no common seed")
+    text = margins_markdown(runs)
+    assert "seed 1: 0.500, seed 2: 0.600" in text
+    assert "| lora | 2 | 0.585 | +0.035 | 1: +0.050, 2: +0.020 | clearly beats it |" in text
+    assert margins(runs[2:]) is None and margins_markdown(runs[2:]) is None  # no baseline
