@@ -10,7 +10,8 @@ import json
 import pytest
 
 from conftest import REPO
-from reports.tables.search import MIN_GAIN, Point, verdict
+from reports.tables.collect import Run
+from reports.tables.search import MIN_GAIN, Point, knob_value, verdict
 
 SCRIPT = REPO / "scripts" / "zoo_search.py"
 
@@ -23,7 +24,7 @@ def test_a_clearly_better_lr_wins_on_every_common_seed_by_the_minimum_gain():
     found = verdict("vera", 5e-3, points((1.5e-3, {1: 0.50, 2: 0.52}),
                                          (5e-3, {1: 0.55, 2: 0.56}),
                                          (1.5e-2, {1: 0.60, 2: 0.58})))
-    assert found.best.lr == 1.5e-2 and found.clearly_better and found.common == 2
+    assert found.best.value == 1.5e-2 and found.clearly_better and found.common == 2
     assert found.gain == pytest.approx(0.035)
 
 
@@ -79,9 +80,48 @@ def test_the_search_runs_resumes_and_summarises(tmp_path, capsys, data_root, mon
     assert "0.001: " in row and "(n=2) *" in row and "0.01: " in row and "0.03: " in row
     assert {p.name for p in out.iterdir()} >= {"search.md", "search.csv", "search.png"}
     lines = (out / "search.csv").read_text().splitlines()
-    assert len(lines) == 6 and lines[0].startswith("method,shipped_lr,lr,seed,dev_overall")
+    assert len(lines) == 6 and lines[0].startswith("method,setting,shipped,value,seed,dev_overall")
 
 
 def test_an_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no conf/peft/<name>.yaml for \\['loraa'\\]"):
         load_script().main(["run", "--out", str(tmp_path), "--methods", "loraa"])
+
+
+def test_the_knob_search_runs_at_the_shipped_lr_beside_the_lr_grid(tmp_path, data_root,
+                                                                    monkeypatch, capsys):
+    monkeypatch.setenv("MINBERT_DATA", str(data_root))
+    script = load_script()
+    out, budget = tmp_path / "search", ["--", "scale=smoke"]
+    base = ["run", "--out", str(out), "--methods", "lora", "--seeds", "1", "2"]
+    assert script.main([*base, "--factors", "1", *budget]) == 0  # the default's runs
+    assert script.main([*base, "--knob", *budget]) == 0
+    plan = json.loads((out / "search.json").read_text())
+    assert plan["knobs"] == {"lora": {"name": "rank", "default": 8.0, "lr": 5e-4,
+                                      "values": [4, 16]}}
+    assert sorted(p.name for p in (out / "lora").iterdir()) == [
+        "seed1-rank", "seed1-x1", "seed2-rank", "seed2-x1"]
+    assert script.main(["summarise", str(out)]) == 0
+    row = next(line for line in (out / "knobs.md").read_text().splitlines()
+               if line.startswith("| lora"))
+    assert row.startswith("| lora | rank 8 | 4: ") and "| 8: " in row and "(n=2) *" in row
+    assert "| 16: " in row
+    lines = (out / "knobs.csv").read_text().splitlines()
+    assert len(lines) == 7 and all(",rank,8.0," in line for line in lines[1:])
+    assert (out / "knobs.png").is_file() and "knobs.md" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"\['bitfit'\] have no knob"):
+        script.main(["run", "--out", str(out), "--methods", "bitfit", "--knob", *budget])
+    with pytest.raises(SystemExit, match="give one of them"):
+        script.main([*base, "--knob", "--factors", "3", *budget])
+
+
+def test_a_knob_point_is_a_run_at_the_knob_lr_that_set_nothing_else(tmp_path):
+    knob = {"name": "rank", "default": 8, "lr": 5e-4}
+
+    def run(*overrides):
+        return Run(tmp_path, {}, "finished", {}, overrides=overrides)
+    assert knob_value(run("peft.lr=0.0005"), knob) == 8.0  # the lr grid's run: the default
+    assert knob_value(run("peft.lr=0.0005", "peft.rank=16"), knob) == 16.0
+    assert knob_value(run("peft.lr=0.0015", "peft.rank=16"), knob) is None  # another lr
+    assert knob_value(run("peft.lr=0.0005", "peft.rank=16", "peft.alpha=32"), knob) is None
+    assert knob_value(run("peft.rank=16"), knob) is None  # not a search run
