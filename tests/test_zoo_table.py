@@ -45,6 +45,7 @@ def costs(overall: float, trainable: int, rate: float) -> dict:
             "dev/overall": overall, "params/updated_pct": trainable / 1e5,
             "params/trainable": trainable, "train/examples_per_s": rate,
             "memory/optimizer_state_bytes": 8 * trainable, "memory/peak_bytes": 3 * 2 ** 20,
+            "memory/param_bytes": 2 ** 24, "memory/grad_bytes": 4 * trainable,
             "adapter/file_bytes": 4 * trainable}
 
 
@@ -69,7 +70,7 @@ def test_zoo_table_and_pareto_plot(zoo_sweep, capsys):
             if line.startswith("| ") and "---" not in line and "PEFT method" not in line}
     assert list(rows) == ["lora", "none (full fine-tuning)", "vera"]
     assert ("| lora | 0.610 ± 0.014 | 0.610 ± 0.014 | 0.220 ± 0.028 | 0.610 ± 0.014 | 0.70 % | "
-            "70 k | 105.0 / s | 0.5 MiB | 3.0 MiB | 0.3 MiB |") == rows["lora"]
+            "70 k | 105.0 / s | 0.5 MiB | 16.8 MiB | 3.0 MiB | 0.3 MiB |") == rows["lora"]
     assert "| 6.5 M | 42.0 / s | 49.6 MiB |" in rows["none (full fine-tuning)"]
     assert "| 0.500 | " in rows["vera"]  # one finished seed: no std
     assert "peft=vera (seed 2): failed in" in out and "peft: something went wrong" in out
@@ -167,3 +168,10 @@ def test_margins_pair_each_row_with_the_heads_only_baseline_by_seed(tmp_path):
     assert "seed 1: 0.500, seed 2: 0.600" in text
     assert "| lora | 2 | 0.585 | +0.035 | 1: +0.050, 2: +0.020 | clearly beats it |" in text
     assert margins(runs[2:]) is None and margins_markdown(runs[2:]) is None  # no baseline
+
+
+def test_a_summed_metric_is_missing_where_any_part_is(tmp_path):
+    run = fake_run(tmp_path, "lora", 1, 0.5)
+    run.metrics.update({"memory/param_bytes": 100, "memory/grad_bytes": 20})
+    assert run.metric("memory/param_bytes+memory/grad_bytes") == 120
+    assert run.metric("memory/param_bytes+memory/optimizer_state_bytes") is None

@@ -62,7 +62,9 @@ class Run:
         return str(self.get(f"{group}._target_", "")).rsplit(".", 1)[-1]
 
     def metric(self, key: str) -> float | None:
-        return self.metrics.get(key)
+        """metrics.json's value at key; `a+b+c` sums several (None where one is missing)."""
+        values = [self.metrics.get(k) for k in key.split("+")]
+        return None if None in values else sum(values)
 
     @property
     def seed(self) -> str:

@@ -2,7 +2,9 @@
 `make_tables.py <sweep> --table zoo`). One row per method, the run's `peft=` choice (`none` is
 full fine-tuning): its dev score on each report task and overall (mean ± std over seeds), and its
 price: parameters updated (% and absolute), training examples per second, optimizer-state bytes,
-peak memory and the size of the weights it saves (each the mean over seeds).
+the training state counted from the tensors (weights, gradients and optimizer states: the same in
+any process), peak memory (measured: on the CPU the growth of the process's RSS, so in a multirun
+it depends on what ran before) and the size of the weights it saves (each the mean over seeds).
 
 `zoo_pareto` draws the trade-off as `zoo-pareto.png`: dev overall against trainable parameters
 (log scale) and against milliseconds of training per example, each with its Pareto frontier: the
@@ -25,6 +27,9 @@ TRAINABLE = Column("trainable", "Trainable", "params/trainable", unit="count")
 SPEED = Column("examples_per_s", "Train examples", "train/examples_per_s", unit="rate")
 OPTIMIZER = Column("optimizer_state", "Optimizer state", "memory/optimizer_state_bytes",
                    unit="bytes")
+# counted from the tensors, the same in any process: what QLoRA's 4-bit base and 8-bit states cut
+STATE = Column("training_state", "Weights + grads + states",
+               "memory/param_bytes+memory/grad_bytes+memory/optimizer_state_bytes", unit="bytes")
 PEAK = Column("peak_memory", "Peak memory", "memory/peak_bytes", unit="bytes")
 SAVED = Column("saved", "Saved weights", "adapter/file_bytes", unit="bytes")
 
@@ -76,7 +81,8 @@ def _label(key: RowKey) -> tuple[str, ...]:
 ZOO = Layout(
     name="zoo", title="The zoo: PEFT methods side by side (dev, and what each costs)",
     label_keys=("peft",), label_titles=("PEFT method",),
-    columns=(*score_columns(False), OVERALL, PARAMS, TRAINABLE, SPEED, OPTIMIZER, PEAK, SAVED),
+    columns=(*score_columns(False), OVERALL, PARAMS, TRAINABLE, SPEED, OPTIMIZER, STATE, PEAK,
+             SAVED),
     canonical=(), row_of=method_of, labels=_label, order=row_order,
     describe=lambda key: " ".join((f"peft={key[0]}", *key[1:])),
     slot_of=lambda run: "",
