@@ -275,17 +275,18 @@ class _RowCheck:
 
 
 def load_task_data(tasks: list[Task], root: Path | None, limit_train: int | None = None,
-                   limit_eval: int | None = None, cache_dir: str | None = None
-                   ) -> dict[str, dict[str, Split]]:
+                   limit_eval: int | None = None, cache_dir: str | None = None,
+                   test: bool = True) -> dict[str, dict[str, Split]]:
     """Reads every split of every task before any training, so bad data fails the run early.
-    A missing test file is allowed (it only means no test predictions)."""
+    A missing test file is allowed (it only means no test predictions); test=False does not read
+    it (`data.predict_test=false`: a sweep that compares dev only)."""
     for key, limit in (("data.limit_train", limit_train), ("data.limit_eval", limit_eval)):
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ConfigError(f"{key}={limit!r} must be a positive integer, or null for no cap")
     data: dict[str, dict[str, Split]] = {}
     for task in tasks:
         splits = {}
-        for split in ("train", "dev", "test"):
+        for split in ("train", "dev", "test") if test else ("train", "dev"):
             if split == "test" and not _has_test(task, root):
                 continue
             limit = limit_train if split == "train" else limit_eval

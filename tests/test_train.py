@@ -54,6 +54,24 @@ def test_smoke_run_writes_metrics_predictions_and_checkpoint(compose_cfg, synthe
     assert (tmp_path / "run" / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_dev_only_run_reads_no_test_set_and_writes_dev_predictions(compose_cfg, synthetic_root,
+                                                                     tmp_path, caplog):
+    """data.predict_test=false (the zoo's sweeps): the same dev scores, no leaderboard files."""
+    scores = {}
+    for predict in (True, False):
+        cfg = compose_cfg(smoke_overrides(synthetic_root, "heads=joint",
+                                          f"data.predict_test={str(predict).lower()}"))
+        with caplog.at_level("INFO", logger="tasks.data"):
+            scores[predict] = run(cfg, tmp_path / str(predict))
+        written = {p.name for p in (tmp_path / str(predict) / "predictions").iterdir()}
+        dev = {f"{t}-dev-output.csv" for t in ("sst", "para", "sts")}
+        assert written == (dev | {f"{t}-test-output.csv" for t in ("sst", "para", "sts")}
+                           if predict else dev)
+        assert ("test" in caplog.text) == predict  # the test files are not even read
+        caplog.clear()
+    assert scores[True] == scores[False]
+
+
 def test_training_learns_the_synthetic_tasks(compose_cfg, synthetic_root, tmp_path):
     """Several epochs on data with an obvious signal must beat chance: the loop really trains."""
     cfg = compose_cfg(smoke_overrides(synthetic_root, "trainer.epochs=6", "heads=joint",

@@ -67,7 +67,7 @@ def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None,
     if trainer.merges:
         check_mergeable(method, trainer.merges)  # before any data is read or a step is taken
     raw = load_task_data(tasks, data_root(cfg, tasks), cfg.data.limit_train, cfg.data.limit_eval,
-                         cfg.data.get("cache_dir"))
+                         cfg.data.get("cache_dir"), cfg.data.get("predict_test", True))
     if precision is None:
         precision, _ = resolve_precision(cfg.get("precision", "fp32"), device)
     model = build_model(cfg, tasks, method).to(device)
