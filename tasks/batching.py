@@ -102,6 +102,20 @@ class EncodedSplit:
         """The i-th batch of the split in file order (what `batches` yields i-th unshuffled)."""
         return self.collate(torch.arange(i * batch_size, min(len(self), (i + 1) * batch_size)))
 
+    def length_order(self) -> torch.Tensor:
+        """The split's positions by token length, longest first (ties in file order): batches cut
+        from it pad little (dev in file order is 54-65 % padding at 128 a batch, sorted 8-22 %).
+        A pair's length is its longer segment's, as a separate pair pads both to one width."""
+        if getattr(self, "_length_order", None) is None:
+            lengths = torch.tensor([max(len(ids[i]) for ids, _ in self.segments)
+                                    for i in range(len(self))])
+            self._length_order = torch.sort(lengths, descending=True, stable=True).indices
+        return self._length_order
+
+    def sorted_batch(self, i: int, batch_size: int) -> Batch:
+        """The i-th batch in `length_order`, for scoring: `Batch.index` says where each row goes."""
+        return self.collate(self.length_order()[i * batch_size:(i + 1) * batch_size])
+
     def batches(self, batch_size: int, shuffle: bool = False, generator=None):
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):

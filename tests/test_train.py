@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -70,6 +71,39 @@ def test_a_dev_only_run_reads_no_test_set_and_writes_dev_predictions(compose_cfg
         assert ("test" in caplog.text) == predict  # the test files are not even read
         caplog.clear()
     assert scores[True] == scores[False]
+
+
+@pytest.mark.parametrize("heads", [("heads=separate", "heads.pair_regression.same_init=false"),
+                                   ("heads=joint",)])
+def test_scoring_in_length_order_gives_each_example_its_file_order_prediction(
+        compose_cfg, data_root, tmp_path, heads):
+    """`predict` cuts eval batches in order of length (less padding) and puts the predictions back
+    in file order: example by example what batches in file order give (the real data: its
+    sentences differ in length, the synthetic ones do not)."""
+    from trainers.engine.evaluate import predict
+    from trainers.engine.run import setup
+    _, _, ctx = setup(compose_cfg(smoke_overrides(data_root, *heads,
+                                                  "data.eval_batch_size=8", "data.limit_train=16",
+                                                  "data.limit_eval=64")), tmp_path)
+    ctx.model.eval()
+    for task in ctx.tasks:
+        data = ctx.data["dev"][task.name]
+        lengths = [max(len(ids[i]) for ids, _ in data.segments) for i in range(len(data))]
+        order = data.length_order().tolist()
+        assert len(set(lengths)) > 1 and sorted(order) == list(range(len(data)))
+        assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+        n = data.num_batches(8)
+        with torch.inference_mode():
+            want = torch.cat([task.predict(ctx.model(task.name, data.batch(i, 8)).float())
+                              for i in range(n)]).numpy()
+        if task.name == "sts":  # the untrained model's scores differ: a shuffle would show
+            assert np.ptp(want) > 1e-3
+        got = predict(ctx, task, data)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6), task.name
+        padded = [sum(batch(i, 8).attention_mask.numel() for i in range(n))
+                  for batch in (data.batch, data.sorted_batch)]
+        assert padded[1] < padded[0], task.name
 
 
 def test_training_learns_the_synthetic_tasks(compose_cfg, synthetic_root, tmp_path):
