@@ -12,7 +12,8 @@ Each run writes run.json (its tasks), history.jsonl, predictions/ and, last, met
 run dir, with its best weights: adapter.safetensors for the one-model strategies (sequential,
 single, interleaved), experts/ (and merged.safetensors) for eoe, fedavg and orthoada.
 In a multirun a failed job writes error.txt instead, the other jobs go on, and the command exits
-non-zero once all are done, listing the failures. A run checkpoints as it goes: `resume=<run dir>`
+non-zero once all are done, listing the failures; a stop signal (SIGTERM, a cluster's preemption)
+stops the whole sweep after a checkpoint. A run checkpoints as it goes: `resume=<run dir>`
 continues one, and a multirun started again with the same hydra.sweep.dir skips the finished jobs
 and continues the unfinished ones.
 """
@@ -28,6 +29,7 @@ from omegaconf import DictConfig
 from common.errors import ConfigError, MinbertError
 from trainers.engine.build import resolve_device
 from trainers.engine.launch import agree_run_dir, check_launcher, rank_overrides
+from trainers.engine.loop import Preempted
 from trainers.engine.parallel import start as start_processes
 from trainers.engine.record import RUN_FILE
 from trainers.engine.run import run
@@ -55,6 +57,12 @@ def main(cfg: DictConfig) -> float:
               hydra_cfg.job.override_dirname)
     try:
         return run(cfg, run_dir(cfg, multirun, output_dir))
+    except Preempted as e:  # the process was asked to stop: a sweep stops too, not only its job
+        log.error("%s", e)
+        print(f"error: {e}" + ("\nthe sweep stops here: run the same command again (the same "
+                               "hydra.sweep.dir) to continue it; finished jobs are skipped"
+                               if multirun else ""), file=sys.stderr)
+        sys.exit(1)
     except Exception as e:
         if multirun:  # one failed job must not stop (or lose) the others
             direction = hydra_cfg.sweeper.get("direction", "maximize")

@@ -206,6 +206,26 @@ def test_a_relaunched_sweep_skips_resumes_and_runs(root, reference, tmp_path):
         assert_identical(sweep / str(job), reference("peft=lora", f"order={order}"))
 
 
+def test_a_stop_signal_stops_the_sweep_and_a_relaunch_continues_it(root, reference, tmp_path):
+    """SIGTERM (`kill`, a cluster's preemption) during a sweep's second job: a checkpoint, then the
+    sweep stops, not only that job (the third never starts); run again, it ends as uninterrupted."""
+    orders = ["sst-para-sts", "sts-para-sst", "para-sst-sts"]
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "train.py", "-m", *smoke_overrides(root, *STEPS, "peft=lora"),
+            f"order={','.join(orders)}", f"hydra.sweep.dir={sweep}"]
+    env = {k: v for k, v in os.environ.items() if k != "MINBERT_FAULT"}
+    stopped = subprocess.run(args, cwd=REPO, env={**env, "MINBERT_FAULT": "step@23:TERM"},
+                             capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 1 and "stopped by SIGTERM after a checkpoint" in stopped.stderr
+    assert "the sweep stops here" in stopped.stderr
+    assert checkpoint_files(sweep / "1") and not (sweep / "1" / "error.txt").exists()
+    assert not (sweep / "2").exists()
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for job, order in enumerate(orders):
+        assert_identical(sweep / str(job), reference("peft=lora", f"order={order}"))
+
+
 def test_wandb_continues_the_same_run(root, tmp_path):
     run_dir = tmp_path / "run"
     assert launch(root, run_dir, "peft=lora", "logger=wandb",
