@@ -184,14 +184,21 @@ def test_resume_needs_a_run(root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_relaunched_sweep_skips_resumes_and_runs(root, reference, tmp_path):
-    """Three jobs; the second is killed mid-training. Run again with the same sweep dir: the first
-    is skipped, the second resumed, the third run, each as an uninterrupted run would end."""
+def three_job_sweep(root: Path, tmp_path: Path) -> tuple[list[str], Path, list[str], dict]:
+    """(the task orders, the sweep dir, the command, an environment without a fault) of a
+    three-job LoRA sweep, one job per task order."""
     orders = ["sst-para-sts", "sts-para-sst", "para-sst-sts"]
     sweep = tmp_path / "sweep"
     args = [sys.executable, "train.py", "-m", *smoke_overrides(root, *STEPS, "peft=lora"),
             f"order={','.join(orders)}", f"hydra.sweep.dir={sweep}"]
     env = {k: v for k, v in os.environ.items() if k != "MINBERT_FAULT"}
+    return orders, sweep, args, env
+
+
+def test_a_relaunched_sweep_skips_resumes_and_runs(root, reference, tmp_path):
+    """Three jobs; the second is killed mid-training. Run again with the same sweep dir: the first
+    is skipped, the second resumed, the third run, each as an uninterrupted run would end."""
+    orders, sweep, args, env = three_job_sweep(root, tmp_path)
     killed = subprocess.run(args, cwd=REPO, env={**env, "MINBERT_FAULT": "step@23"},
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL  # job 0 has 18 steps: killed at job 1's 5th
@@ -209,11 +216,7 @@ def test_a_relaunched_sweep_skips_resumes_and_runs(root, reference, tmp_path):
 def test_a_stop_signal_stops_the_sweep_and_a_relaunch_continues_it(root, reference, tmp_path):
     """SIGTERM (`kill`, a cluster's preemption) during a sweep's second job: a checkpoint, then the
     sweep stops, not only that job (the third never starts); run again, it ends as uninterrupted."""
-    orders = ["sst-para-sts", "sts-para-sst", "para-sst-sts"]
-    sweep = tmp_path / "sweep"
-    args = [sys.executable, "train.py", "-m", *smoke_overrides(root, *STEPS, "peft=lora"),
-            f"order={','.join(orders)}", f"hydra.sweep.dir={sweep}"]
-    env = {k: v for k, v in os.environ.items() if k != "MINBERT_FAULT"}
+    orders, sweep, args, env = three_job_sweep(root, tmp_path)
     stopped = subprocess.run(args, cwd=REPO, env={**env, "MINBERT_FAULT": "step@23:TERM"},
                              capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 1 and "stopped by SIGTERM after a checkpoint" in stopped.stderr
