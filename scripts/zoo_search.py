@@ -65,12 +65,9 @@ def methods() -> list[str]:
     return sorted(p.stem for p in (REPO / "conf" / "peft").glob("*.yaml"))
 
 
-def shipped_lr(method: str) -> float:
-    return float(OmegaConf.load(REPO / "conf" / "peft" / f"{method}.yaml").lr)
-
-
-def knob_default(method: str, name: str) -> float:
-    return float(OmegaConf.select(OmegaConf.load(REPO / "conf" / "peft" / f"{method}.yaml"), name))
+def shipped(method: str, key: str = "lr") -> float:
+    """A setting of the method as `conf/peft/<method>.yaml` ships it (`lr`, `rank`, `config.r`)."""
+    return float(OmegaConf.select(OmegaConf.load(REPO / "conf" / "peft" / f"{method}.yaml"), key))
 
 
 def grid(lr: float, factors: list[float]) -> list[str]:
@@ -100,7 +97,7 @@ def record_plan(out: Path, chosen: list[str], factors: list[float], budget: list
     its record (the lr it shipped with when its search began)."""
     plan = load_plan(out, budget)
     for m in chosen:
-        record = plan["methods"].setdefault(m, {"shipped_lr": shipped_lr(m), "grid": []})
+        record = plan["methods"].setdefault(m, {"shipped_lr": shipped(m), "grid": []})
         record["grid"] += [lr for lr in grid(record["shipped_lr"], factors)
                            if lr not in record["grid"]]
     save_plan(out, plan)
@@ -114,7 +111,7 @@ def record_knobs(out: Path, chosen: list[str], budget: list[str]) -> dict:
     for m in chosen:
         name, values = KNOBS[m]
         record = plan.setdefault("knobs", {}).setdefault(m, {
-            "name": name, "default": knob_default(m, name), "lr": shipped_lr(m), "values": []})
+            "name": name, "default": shipped(m, name), "lr": shipped(m), "values": []})
         record["values"] += [v for v in values if v not in record["values"]]
     save_plan(out, plan)
     return plan

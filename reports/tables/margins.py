@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .collect import Run
 from .layouts import RowKey
-from .search import MIN_GAIN, OVERALL
+from .search import MIN_GAIN, OVERALL, clearly_higher
 from .zoo import method_of, row_order
 
 BASELINE: RowKey = ("frozen",)
@@ -34,8 +34,7 @@ class Margin:
 
     @property
     def clearly_beats(self) -> bool:
-        return (len(self.diffs) >= 2 and all(d > 0 for d in self.diffs.values())
-                and self.gain >= MIN_GAIN)
+        return clearly_higher(list(self.diffs.values()))
 
     @property
     def verdict(self) -> str:
@@ -63,7 +62,10 @@ def _scores(runs: list[Run]) -> dict[RowKey, dict[int, float]]:
 
 def margins(runs: list[Run]) -> list[Margin] | None:
     """A Margin per zoo row, in the zoo's row order; None where no run is the baseline."""
-    by_row = _scores(runs)
+    return _margins(_scores(runs))
+
+
+def _margins(by_row: dict[RowKey, dict[int, float]]) -> list[Margin] | None:
     base = by_row.get(BASELINE)
     if not base:
         return None
@@ -75,10 +77,11 @@ def margins(runs: list[Run]) -> list[Margin] | None:
 def margins_markdown(runs: list[Run]) -> str | None:
     """`zoo-margins.md`: every row's margin over the baseline, whose own scores head it; None
     where the baseline did not run."""
-    rows = margins(runs)
+    by_row = _scores(runs)
+    rows = _margins(by_row)
     if rows is None:
         return None
-    base = ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(_scores(runs)[BASELINE].items()))
+    base = ", ".join(f"seed {s}: {v:.3f}" for s, v in sorted(by_row[BASELINE].items()))
     lines = [f"**Against the heads-only baseline** (`peft=frozen`, dev overall {base}), paired "
              f"by seed; *clearly*: higher on at least two seeds, every one, and by {MIN_GAIN} "
              "or more on the mean", "",

@@ -65,6 +65,12 @@ def _paired(a: Point, b: Point) -> list[tuple[float, float]]:
     return [(a.scores[s], b.scores[s]) for s in sorted(a.scores) if s in b.scores]
 
 
+def clearly_higher(diffs: list[float]) -> bool:
+    """The rule on paired differences (one a seed): at least two, every one above 0, and their
+    mean at least MIN_GAIN."""
+    return len(diffs) >= 2 and all(d > 0 for d in diffs) and statistics.fmean(diffs) >= MIN_GAIN
+
+
 def verdict(method: str, shipped: float, points: list[Point], setting: str = "lr") -> Verdict:
     """Which of a method's grid points is best against the shipped value, and whether clearly."""
     base = next((p for p in points if math.isclose(p.value, shipped)), None)
@@ -78,8 +84,7 @@ def verdict(method: str, shipped: float, points: list[Point], setting: str = "lr
 
     best = max(points, key=gain)
     pairs = _paired(best, base)
-    clear = (best is not base and len(pairs) >= 2 and all(x > y for x, y in pairs)
-             and gain(best) >= MIN_GAIN)
+    clear = best is not base and clearly_higher([x - y for x, y in pairs])
     return Verdict(method, shipped, points, best, gain(best), len(pairs), clear, setting)
 
 
