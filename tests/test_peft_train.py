@@ -82,7 +82,7 @@ def test_merged_and_unmerged_evaluation_agree(compose_cfg, synthetic_root, tmp_p
 
 
 def test_the_peft_lr_sets_the_optimizer_lr_unless_overridden(compose_cfg):
-    assert compose_cfg(["peft=lora"]).trainer.optimizer.lr == 5e-4
+    assert compose_cfg(["peft=lora"]).trainer.optimizer.lr == 1.5e-3
     assert compose_cfg(["peft=none"]).trainer.optimizer.lr == 1e-5
     cfg = compose_cfg(["peft=lora", "trainer.optimizer.lr=3e-3"])
     assert cfg.trainer.optimizer.lr == 3e-3

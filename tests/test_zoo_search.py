@@ -97,7 +97,7 @@ def test_the_knob_search_runs_at_the_shipped_lr_beside_the_lr_grid(tmp_path, dat
     assert script.main([*base, "--factors", "1", *budget]) == 0  # the default's runs
     assert script.main([*base, "--knob", *budget]) == 0
     plan = json.loads((out / "search.json").read_text())
-    assert plan["knobs"] == {"lora": {"name": "rank", "default": 8.0, "lr": 5e-4,
+    assert plan["knobs"] == {"lora": {"name": "rank", "default": 8.0, "lr": 1.5e-3,
                                       "values": [4, 16]}}
     assert sorted(p.name for p in (out / "lora").iterdir()) == [
         "seed1-rank", "seed1-x1", "seed2-rank", "seed2-x1"]
