@@ -125,7 +125,7 @@ def test_a_rank_ladder_and_dylora_curves_are_drawn_by_rank(tmp_path):
                 i += 1
         curve = {f"dylora/r{b}/dev/overall": 0.4 + b / 100 + seed / 1000 for b in (1, 2, 8)}
         write_zoo_run(sweep / str(i), "dylora", seed, {**costs(0.5, 10, 1.0), **curve},
-                      ("peft.r_max=8",))
+                      ("peft.r_max=8", "peft.curve_ranks=[1,2,8]"))  # the ranks: not in the label
         i += 1
     runs, _ = collect_runs([sweep])
     table = build_tables(runs, ["zoo"])[0]

@@ -180,7 +180,8 @@ def rank_curves(table: Table, runs: list[Run]) -> dict[str, list[tuple[float, fl
     for run in runs:
         scores = {int(k.split("/")[1][1:]): v for k, v in run.metrics.items()
                   if k.startswith("dylora/r") and k.endswith("/dev/overall")}
-        name = " ".join(("dylora curve", *method_of(run)[1:]))
+        name = " ".join(("dylora curve", *(setting for setting in method_of(run)[1:]
+                                            if not setting.startswith("curve_ranks="))))
         for b, v in scores.items():
             dylora.setdefault(name, {}).setdefault(b, []).append(v)
     for name, by_rank in dylora.items():
@@ -195,7 +196,7 @@ def zoo_ranks(table: Table, runs: list[Run], path: Path) -> Path | None:
     curves = rank_curves(table, runs)
     if not curves:
         return None
-    figure = Figure(figsize=(8, 5.5))
+    figure = Figure(figsize=(8, 6.5))
     axes = figure.add_subplot(1, 1, 1)
     for name, points in curves.items():
         xs, ys, errs = zip(*points)
@@ -205,6 +206,7 @@ def zoo_ranks(table: Table, runs: list[Run], path: Path) -> Path | None:
     axes.set_xlabel("rank")
     axes.set_ylabel("dev overall")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
+    # below the axes: the curves fill the plot, and a legend inside covers some of their points
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     axes.set_title("The rank ladder: dev overall against rank (mean ± std over seeds)")
     return save_figure(figure, path)
