@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from reports.tables.collect import Run
-from reports.tables.search import MIN_GAIN, Point, knob_value, verdict
+from reports.tables.search import MIN_GAIN, Point, choice_of, knob_value, verdict
 
 SCRIPT = REPO / "scripts" / "zoo_search.py"
 
@@ -38,6 +38,13 @@ def test_a_clearly_better_lr_wins_on_every_common_seed_by_the_minimum_gain():
 def test_no_change_without_clear_evidence(why, grid):
     found = verdict("vera", 5e-3, points(*grid))
     assert not found.clearly_better, why
+
+
+def test_a_search_with_only_the_shipped_value_says_so_not_that_it_is_best():
+    found = verdict("vera", 256, points((256, {1: 0.6, 2: 0.61})), setting="rank")
+    assert choice_of(found) == "only the shipped rank has run"
+    found = verdict("vera", 256, points((64, {1: 0.55}), (256, {1: 0.6, 2: 0.61})), setting="rank")
+    assert choice_of(found) == "keep (the shipped rank is best)"
 
 
 def test_a_grid_without_the_shipped_lr_has_no_verdict():

@@ -133,9 +133,11 @@ def _cell(point: Point) -> str:
     return f"{point.mean:.3f}{spread} (n={len(values)})"
 
 
-def _choice(v: Verdict) -> str:
+def choice_of(v: Verdict) -> str:
     if v.gain is None:
         return f"no run at the shipped {v.setting}"
+    if len(v.points) == 1:  # a search under way: nothing to compare with yet
+        return f"only the shipped {v.setting} has run"
     if v.clearly_better:
         return f"**{v.best.value:g}** (+{v.gain:.3f} on {v.common} seeds)"
     if math.isclose(v.best.value, v.shipped):
@@ -153,7 +155,7 @@ def search_markdown(found: list[Verdict]) -> str:
                  for p in v.points]
         cells += [""] * (width - len(cells))
         lines.append("| " + " | ".join([v.method, f"{v.setting} {v.shipped:g}", *cells,
-                                        _choice(v)]) + " |")
+                                        choice_of(v)]) + " |")
     lines.append("")
     lines.append(f"`*` the shipped value. Dev overall, mean ± std over seeds (n seeds). Clearly "
                  f"better: higher on every common seed (at least two) and by at least "
