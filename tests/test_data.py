@@ -33,7 +33,8 @@ def test_real_quora_malformed_row_is_skipped_and_logged(data_root, caplog):
     with caplog.at_level(logging.INFO, logger="tasks.data"):
         s = read_split(TASKS["para"], data_root, "train")
     assert s.skipped == 1
-    assert "quora-train.csv: 14141 rows read, 1 malformed rows skipped" in caplog.text
+    assert ("quora-train.csv: 14142 data lines: 14141 rows read, 1 malformed rows skipped"
+            in caplog.text)
     assert "ad118c967d683c93883bf072d" not in s.ids  # the row whose quote swallows its label
 
 
@@ -61,7 +62,7 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="tasks.data"):
         s = read_split(TASKS["sts"], tmp_path, "train")
     assert s.ids == ["a", "f"] and s.labels == [3.2, 4.0] and s.skipped == 4
-    assert "sts-train.csv: 2 rows read, 4 malformed rows skipped" in caplog.text
+    assert "sts-train.csv: 6 data lines: 2 rows read, 4 malformed rows skipped" in caplog.text
 
 
 @pytest.mark.parametrize("label", ["7", "-1", "2.5"])

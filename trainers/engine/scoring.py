@@ -9,11 +9,18 @@ A history record is `{epoch, step, <task>/dev/<metric>..., dev/overall, <task>/t
 `"epoch_step"`, an expert's adds `"expert"`, and an early stop appends
 `{"event": "early_stop", ...}` with the best score and where it was reached. Nothing here draws
 from a random generator, so a run that evaluates mid-epoch still resumes bit-identically.
+
+A NaN dev/overall (a task's primary metric undefined, say Pearson's r of constant predictions:
+`tasks.metrics`) is never better than anything (`better`): it is never kept as the best state and
+counts as an evaluation without improvement for `patience`. While no evaluation of a phase has had
+a defined dev/overall, each one's state is saved in the best state's place (with no best epoch), so
+a phase that never has one ends on its last state, with a warning.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from common.durable import atomic_write, fault_point
@@ -33,12 +40,17 @@ def evaluates_now(options, state: TrainState, per_epoch: int) -> bool:
     return bool(every) and state.phase_step % every == 0 and state.epoch_step < per_epoch
 
 
+def better(score: float, best: float) -> bool:
+    """Whether a dev/overall `score` beats the best so far: a NaN (undefined) one never does."""
+    return not math.isnan(score) and score > best
+
+
 def score_dev(ctx: RunContext, state: TrainState, strategy, tasks: list[Task], label: dict,
               mid_epoch: bool = False) -> None:
     """Scores the phase's tasks on dev, keeps the best state, counts evaluations without
     improvement, appends the history (rewritten whole, atomically) and logs."""
     metrics, _ = evaluate(ctx, "dev", tasks)
-    improved = metrics["dev/overall"] > state.best_score
+    improved = better(metrics["dev/overall"], state.best_score)
     if improved:
         state.best_score, state.best_epoch, state.best_step = (metrics["dev/overall"],
                                                                state.epoch, state.step)
@@ -47,6 +59,8 @@ def score_dev(ctx: RunContext, state: TrainState, strategy, tasks: list[Task], l
         fault_point("adapter-written")
     else:
         state.evals_since_best += 1
+        if math.isnan(metrics["dev/overall"]):
+            undefined_overall(ctx, state, strategy, tasks, metrics, label)
     losses = {f"{t}/train/loss": s / max(1, n) for t, (s, n) in state.epoch_losses.items()}
     where = {"epoch_step": state.epoch_step} if mid_epoch else {}
     state.history.append({**label, "epoch": state.epoch, **where, "step": state.step, **metrics,
@@ -63,6 +77,24 @@ def score_dev(ctx: RunContext, state: TrainState, strategy, tasks: list[Task], l
              " (best so far)" if improved else "")
 
 
+def undefined_overall(ctx: RunContext, state: TrainState, strategy, tasks: list[Task],
+                      metrics: dict, label: dict) -> None:
+    """A NaN dev/overall: says which primary metrics are undefined and, while the phase has no
+    best state, saves this one in its place (the latest state is what the phase then ends on)."""
+    nan = [k for k in (t.metric_key("dev") for t in tasks) if math.isnan(metrics.get(k, 0.0))]
+    what = f"expert {label['expert']}, " if label else ""
+    where = f"{what}epoch {state.epoch}, step {state.step}"
+    if state.best_epoch is not None:
+        log.warning("%s: dev/overall is undefined (NaN: %s undefined, see the warning above); "
+                    "not better than the best, %.4f at epoch %d, step %d", where,
+                    ", ".join(nan), state.best_score, state.best_epoch, state.best_step)
+        return
+    strategy.save_best(ctx, state, tasks)
+    log.warning("%s: dev/overall is undefined (NaN: %s undefined, see the warning above) and no "
+                "evaluation so far has had a defined one, so there is no best state: this latest "
+                "state is kept in its place", where, ", ".join(nan))
+
+
 def out_of_patience(ctx: RunContext, state: TrainState, options, label: dict) -> bool:
     """True (once the stop is logged and in the history) when the phase has gone
     `trainer.patience` evaluations without improving dev/overall (`options`: TrainOptions)."""
@@ -75,10 +107,12 @@ def out_of_patience(ctx: RunContext, state: TrainState, options, label: dict) ->
                           "best_step": state.best_step})
     write_history(ctx.run_dir, state.history)
     what = f"expert {label['expert']}" if label else "the run"
+    best = (f"the best, {state.best_score:.4f}, was at epoch {state.best_epoch}, step "
+            f"{state.best_step}" if state.best_epoch is not None else
+            "no evaluation had a defined (not NaN) dev/overall")
     log.info("early stopping %s at epoch %d, step %d: dev/overall has not improved for %d "
-             "evaluations (trainer.patience=%d); the best, %.4f, was at epoch %s, step %s", what,
-             state.epoch, state.step, state.evals_since_best, patience, state.best_score,
-             state.best_epoch, state.best_step)
+             "evaluations (trainer.patience=%d); %s", what, state.epoch, state.step,
+             state.evals_since_best, patience, best)
     return True
 
 

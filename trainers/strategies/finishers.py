@@ -48,11 +48,16 @@ class KeepBest:
                       "epoch": state.best_epoch, "step": state.best_step})
 
     def result(self, ctx: RunContext, state: TrainState, phases) -> FitResult:
-        """The best state back in the model."""
+        """The best state back in the model; the last state if no evaluation had a defined (not
+        NaN) dev/overall, with a warning."""
         if state.best_epoch is not None:
             load_adapter(ctx.model, ctx.run_dir / ADAPTER_FILE)
             log.info("restored the best state (epoch %d, dev/overall %.4f)", state.best_epoch,
                      state.best_score)
+        else:
+            log.warning("no dev evaluation had a defined dev/overall (each was NaN: a primary "
+                        "metric undefined, see the warnings above), so there is no best state; "
+                        "the run keeps its last state")
         return FitResult(state.best_epoch, state.best_score)
 
     @staticmethod
