@@ -23,3 +23,15 @@ class DataError(MinbertError):
 
 class TrainingError(MinbertError):
     """Training cannot go on, e.g. the loss became NaN."""
+
+
+class StorageError(MinbertError):
+    """A file cannot be written: its folder is read-only or not ours to write, the disk is full,
+    the path is a folder, ... (`common.durable`). The message names the path, the cause and what
+    to do; the file that was there before is left as it was."""
+
+
+class DamagedFileError(CheckpointError):
+    """A file a run wrote (its adapter, experts, checkpoint, record) is there but cannot be read:
+    truncated, emptied or overwritten with something else. The message names the file and how to
+    get a good one back (run or resume the run again)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, DamagedFileError
 
 # (HF module, minBERT module): one table, used both ways. {i} is a layer index.
 _NAMES = [
@@ -128,12 +128,21 @@ def load_hf_state_dict(folder: Path, expected: dict[str, torch.Tensor]) -> dict[
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     st, binf = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-        return load_file(str(st))
-    if binf.is_file():
+    path = st if st.is_file() else binf
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    try:
+        if path == st:
+            from safetensors.torch import load_file
+            return load_file(str(st))
         return torch.load(binf, map_location="cpu", weights_only=True)
-    raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated, emptied, overwritten: safetensors', pickle's, zip's errors
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedFileError(f"{path} cannot be read: the checkpoint's weights file is damaged "
+                               f"or is not one ({why}); download the checkpoint again (or copy "
+                               "it again from where it came from)") from e
 
 
 def load_tokenizer(name_or_path: str):

@@ -11,6 +11,10 @@ weights its strategy saved), and the encoder's adapter is written as `adapter_co
 as `minbert_heads.safetensors`. A run with one expert per task (`trainer=eoe`) is written as one
 adapter per task, in `<out dir>/<task>/`; a merged run (`fedavg`, `orthoada`) holds a full-rank
 ΔW per layer, which peft's LoRA format cannot hold.
+
+The out dir must be new or empty: one that holds files (an earlier export, say) is refused, and
+left as it is, unless `--force` is given (then the export's files are written over, each
+atomically; other files stay). Every file is written atomically (`common.durable`).
 """
 from __future__ import annotations
 
@@ -18,11 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from minbert.checkpoint import resolve_checkpoint
-from common.errors import MinbertError
-from minbert.peft.io import export_peft
+from common.durable import storage_error
+from common.errors import MinbertError, StorageError
+from minbert.peft.io import export_peft, save_state
 from trainers.engine.evaluate import shared_weights
 from trainers.engine.record import SavedRun, load_run
 
@@ -33,12 +36,31 @@ def _export(saved: SavedRun, out_dir: Path, heads: list[str]) -> Path:
     export_peft(saved.model.encoder, saved.method, out_dir, base_model=base)
     state = {n: p.detach().contiguous() for n, p in saved.model.heads.state_dict().items()
              if n.split(".")[0] in heads}
-    save_file(state, str(out_dir / "minbert_heads.safetensors"))
+    save_state(state, out_dir / "minbert_heads.safetensors")
     return out_dir
 
 
-def export_run(run_dir: Path, out_dir: Path) -> list[Path]:
-    """Writes the run's adapter (or one per task, for per-task experts); returns the folders."""
+def check_out_dir(out_dir: Path, force: bool = False) -> None:
+    """Refuses an out dir that is a file, or (without `force`) one that already holds files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StorageError(f"cannot export into {out_dir}: it is a file, not a folder; pick "
+                           "another folder")
+    try:
+        held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    except OSError as e:
+        raise storage_error(out_dir, e, "export into") from e
+    if held and not force:
+        exported = any((out_dir / name / "adapter_config.json").is_file() for name in ("", *held))
+        what = "an export" if exported else f"{len(held)} file(s) or folder(s)"
+        raise StorageError(f"{out_dir} already holds {what} ({', '.join(held[:4])}"
+                           f"{', ...' if len(held) > 4 else ''}); pass --force to write over it, "
+                           "or pick another folder")
+
+
+def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> list[Path]:
+    """Writes the run's adapter (or one per task, for per-task experts); returns the folders.
+    `out_dir` must be new or empty, unless `force`."""
+    check_out_dir(out_dir, force)
     saved = load_run(run_dir)
     names = [t.name for t in saved.tasks]
     if saved.weights is shared_weights:
@@ -53,10 +75,14 @@ def export_run(run_dir: Path, out_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder written by train.py")
-    parser.add_argument("out_dir", type=Path, help="where to write the peft adapter")
+    parser.add_argument("out_dir", type=Path,
+                        help="where to write the peft adapter: a new or empty folder")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that already holds files (an earlier export's "
+                             "are written over)")
     args = parser.parse_args(argv)
     try:
-        folders = export_run(args.run_dir, args.out_dir)
+        folders = export_run(args.run_dir, args.out_dir, args.force)
     except MinbertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

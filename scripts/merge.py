@@ -18,10 +18,10 @@ to `<run>/merges/<method>.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from common.durable import write_json
 from common.errors import MinbertError
 from minbert.peft import check_mergeable
 from minbert.peft.merging import check_merge_options, default_options
@@ -66,10 +66,8 @@ def remerge(run_dir: Path, method: str | None, weights: list[float] | None, opti
     data = encode_data(saved.cfg, saved.model, {t: {"dev": s["dev"]} for t, s in raw.items()})
     ctx = RunContext.for_scoring(saved.model, saved.tasks, data, run_dir, saved.method)
     metrics, _ = evaluate(ctx, "dev", weights=merged_weights(saved.model, merged, heads))
-    out = run_dir / "merges" / f"{method}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"method": method, "weights": weights, **options, **metrics},
-                              indent=2) + "\n")
+    write_json(run_dir / "merges" / f"{method}.json",
+               {"method": method, "weights": weights, **options, **metrics})
     return metrics
 
 

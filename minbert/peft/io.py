@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from safetensors.torch import save_file
 from torch import nn
 
 from minbert.checkpoint import minbert_to_hf_key
-from common.durable import atomic_write
+from common.durable import atomic_write, damaged_file, write_text
 from common.errors import CheckpointError
 from minbert.peft import adapter_layers, adapter_state_dict
 from minbert.peft.contract import capabilities
@@ -59,9 +59,25 @@ def canonical_header(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
+# what a truncated, emptied or overwritten safetensors file raises when read
+UNREADABLE = (SafetensorError, OSError, ValueError)
+
+
+def read_state(path: str | Path, what: str = "saved tensors") -> dict[str, torch.Tensor]:
+    """A safetensors file the run wrote, as tensors; a damaged file (truncated, emptied,
+    overwritten) is a `DamagedFileError` naming it. `what`: the file in words, for the message."""
+    try:
+        return load_file(str(path))
+    except UNREADABLE as e:
+        raise damaged_file(path, e, what) from e
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except UNREADABLE as e:
+        raise damaged_file(path, e, "adapter file") from e
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
@@ -71,7 +87,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise CheckpointError(f"no adapter file at {path}")
     expected = adapter_state_dict(model)
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        f = safe_open(str(path), framework="pt")
+    except UNREADABLE as e:
+        raise damaged_file(path, e, "adapter file") from e
+    with f:
         names, meta = set(f.keys()), f.metadata() or {}
         hint = (f" The file was saved with peft {meta['peft']}; build the model with that "
                 "config." if "peft" in meta else "")
@@ -117,11 +137,11 @@ def export_peft(encoder: nn.Module, method, out_dir: str | Path,
                               "factors; unmerge them, or export the experts of an eoe run")
     config, state = method.peft_adapter(encoder)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.detach().cpu().contiguous() for n, t in state.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    data = safetensors_bytes({n: t.detach().cpu().contiguous() for n, t in state.items()},
+                             metadata={"format": "pt"})
+    atomic_write(out / "adapter_model.safetensors", lambda f: f.write(data))
     config = {**config, "base_model_name_or_path": base_model, "inference_mode": True}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    write_text(out / "adapter_config.json", json.dumps(config, indent=2, default=str) + "\n")
     return out
 
 

@@ -12,7 +12,8 @@ tensors. All of it is plain tensors and
 values, so a checkpoint loads with `torch.load(weights_only=True)`.
 
 Checkpoints are `checkpoints/checkpoint-<n>.pt`, written atomically (`common.durable`), the
-newest `keep` kept; `load_checkpoint` falls back to an older one when the newest is unreadable.
+newest `keep` kept; `load_checkpoint` falls back to an older one when the newest is unreadable
+(a `DamagedFileError` when every one is).
 torch's version and thread count are recorded, since both change CPU results bit for bit.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from minbert.peft import adapter_state_dict
 from common.durable import atomic_write
-from common.errors import CheckpointError
+from common.errors import CheckpointError, DamagedFileError
 from trainers.engine.parallel import SINGLE, Replicas
 
 log = logging.getLogger(__name__)
@@ -224,11 +225,16 @@ def save_checkpoint(state: TrainState, model: torch.nn.Module, generator: torch.
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
-    """The newest readable checkpoint's state dict (an unreadable one is skipped, with a warning,
-    for the one before it); None if there is none."""
-    for path in reversed(checkpoint_files(run_dir)):
+    """The newest readable checkpoint's state dict (an unreadable one, truncated, emptied or
+    overwritten, is skipped, with a warning, for the one before it); None if there is none. If
+    there are checkpoints and none is readable, a `DamagedFileError`: starting over beside them
+    would keep their higher numbers as the newest and delete the new run's own."""
+    files = checkpoint_files(run_dir)
+    for path in reversed(files):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(sd, dict):
+                raise ValueError(f"it holds a {type(sd).__name__}, not a checkpoint's dict")
         except Exception as e:  # truncated, corrupted: any failure means try the older one
             log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path,
                         type(e).__name__, e)
@@ -240,4 +246,11 @@ def load_checkpoint(run_dir: Path) -> dict | None:
         log.info("resuming from %s (phase %d, epoch %d, step %d)", path, counters["phase"],
                  counters["epoch"], counters["step"])
         return sd
+    if files:
+        folder = Path(run_dir) / CHECKPOINTS
+        raise DamagedFileError(
+            f"{folder} holds {len(files)} checkpoint(s) ({', '.join(p.name for p in files)}) and "
+            "every one is damaged (truncated or overwritten; see the warnings above), so the run "
+            f"cannot resume: move {folder} away to start the run afresh in this folder, or run "
+            "it in a new folder")
     return None
