@@ -8,9 +8,14 @@
     python train.py debug=fast resume=outputs/runs/2026-12-02/10-00-00   # continue a killed run
     torchrun --standalone --nproc_per_node=2 train.py peft=lora   # one run, data-parallel (DDP)
 
-Each run writes run.json (its tasks), history.jsonl, predictions/ and, last, metrics.json to its
-run dir, with its best weights: adapter.safetensors for the one-model strategies (sequential,
-single, interleaved), experts/ (and merged.safetensors) for eoe, fedavg and orthoada.
+The config is checked whole before anything is built or written (`trainers.engine.recipe`): a bad
+key, value or combination stops the command with one `error:` line per problem, and a refused
+command changes no file (a sweep's jobs are all checked before the first starts). Each run writes
+run.json (its tasks and config, the one record tables read), history.jsonl, predictions/ and, last,
+metrics.json to its run dir, with its best weights: adapter.safetensors for the one-model
+strategies (sequential, single, interleaved), experts/ (and merged.safetensors) for eoe, fedavg
+and orthoada; Hydra's own files of each invocation that trains it go to .hydra/ (the first) and
+.hydra/resume-<time>/ (each later one), and its log to train.log.
 In a multirun a failed job writes error.txt instead, the other jobs go on, and the command exits
 non-zero once all are done, listing the failures; a stop signal (SIGTERM, a cluster's preemption)
 stops the whole sweep after a checkpoint. A run checkpoints as it goes: `resume=<run dir>`
@@ -18,21 +23,25 @@ continues one, and a multirun started again with the same hydra.sweep.dir skips 
 and continues the unfinished ones.
 """
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import ConfigError, MinbertError
-from trainers.engine.build import resolve_device
+from trainers.engine.invocation import forget_if_empty, keep_invocation, report
 from trainers.engine.launch import agree_run_dir, check_launcher, rank_overrides
 from trainers.engine.loop import Preempted
 from trainers.engine.parallel import start as start_processes
+from trainers.engine.recipe import check_config
 from trainers.engine.record import RUN_FILE
-from trainers.engine.run import run
+from trainers.engine.run import finished_score, preflight, run
 from trainers.engine.sweeps import FAILED_RUNS, label_run, record_failure
 
 log = logging.getLogger("train")
@@ -45,18 +54,33 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     output_dir = hydra_cfg.runtime.output_dir
     try:
-        check_task_keys(list(hydra_cfg.overrides.task))
         check_launcher(hydra_cfg.launcher.get("_target_") if multirun else None)
-        output_dir = agree_run_dir(output_dir, start_processes(resolve_device(cfg.device))[0])
-    except ConfigError as e:
+        label_run(cfg, dict(hydra_cfg.runtime.choices),
+                  hydra_cfg.sweep.dir if multirun else None, hydra_cfg.job.override_dirname)
+        checked = check_config(cfg, list(hydra_cfg.overrides.task))
+        parallel, device = start_processes(checked.device)
+        output_dir = agree_run_dir(output_dir, parallel)
+        target = Path(run_dir(cfg, multirun, output_dir))
+        record = preflight(checked, target)
+        score = finished_score(target) if record is not None else None
+    except MinbertError as e:
+        forget_if_empty(output_dir)
         if multirun:
             return record_failure(output_dir, e)
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(1)
-    label_run(cfg, dict(hydra_cfg.runtime.choices), hydra_cfg.sweep.dir if multirun else None,
-              hydra_cfg.job.override_dirname)
+    if score is not None:  # nothing to do, and nothing written
+        forget_if_empty(output_dir)
+        log.info("%s has finished already (dev/overall %.4f): nothing to do", target, score)
+        return objective(score, hydra_cfg, multirun)
+    if Path(output_dir) != target:  # resume=: this invocation's files go to the resumed run
+        forget_if_empty(output_dir)
+
+    def invocation() -> dict:  # once the data is read and the model built: nothing failed
+        return keep_invocation(hydra_cfg, cfg, target, record is not None, parallel.main)
+
     try:
-        return run(cfg, run_dir(cfg, multirun, output_dir))
+        return objective(run(checked, target, parallel, device, invocation), hydra_cfg, multirun)
     except Preempted as e:  # the process was asked to stop: a sweep stops too, not only its job
         log.error("%s", e)
         print(f"error: {e}" + ("\nthe sweep stops here: run the same command again (the same "
@@ -64,31 +88,28 @@ def main(cfg: DictConfig) -> float:
                                if multirun else ""), file=sys.stderr)
         sys.exit(1)
     except Exception as e:
+        forget_if_empty(output_dir)
         if multirun:  # one failed job must not stop (or lose) the others
             direction = hydra_cfg.sweeper.get("direction", "maximize")
-            return record_failure(output_dir, e, str(direction))
+            return record_failure(target, e, str(direction))
         if not isinstance(e, MinbertError):
             raise  # a bug: keep its traceback
         log.error("%s", e)  # bad input: one clear message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(1)
 
 
-def check_task_keys(overrides: list[str]) -> None:
-    """`order=` is a preset of `tasks=`, and `trainer.task=` (trainer=single) trains one task
-    whatever `tasks` says: given together on the command line, one would silently replace the
-    other, so they are refused."""
-    given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides if "=" in o}
-    for a, b in (("order", "tasks"), ("trainer.task", "tasks")):
-        if a in given and b in given:
-            raise ConfigError(f"`{given[a]}` and `{given[b]}` both choose the tasks of the run; "
-                              f"give one of them" + (" (order=x-y-z is tasks=[x,y,z])"
-                                                     if a == "order" else ""))
+def objective(score: float, hydra_cfg, multirun: bool) -> float:
+    """dev/overall for the sweeper; an undefined one (NaN: a metric with no value, logged) is the
+    worst value for the sweep's direction, since Optuna stops a whole search on a NaN."""
+    if score == score or not multirun:
+        return score
+    direction = str(hydra_cfg.sweeper.get("direction", "maximize"))
+    return float("inf") if direction == "minimize" else float("-inf")
 
 
 def run_dir(cfg: DictConfig, multirun: bool, output_dir: str) -> str:
-    """Hydra's output dir, or the run dir that `resume=` names (its own Hydra files then go to the
-    new output dir, a record of this invocation)."""
+    """Hydra's output dir, or the run dir that `resume=` names."""
     if not cfg.get("resume"):
         return output_dir
     if multirun:
@@ -97,13 +118,27 @@ def run_dir(cfg: DictConfig, multirun: bool, output_dir: str) -> str:
     if not (Path(cfg.resume) / RUN_FILE).is_file():
         raise ConfigError(f"resume={cfg.resume}: no run there (no {RUN_FILE}); pass the folder of "
                           "a run made by train.py")
-    log.info("resuming %s (this invocation's Hydra files: %s)", cfg.resume, output_dir)
+    log.info("resuming %s", cfg.resume)
     return cfg.resume
+
+
+def hydra_error(e: Exception) -> str:
+    """Hydra's own refusal (a bad override, a missing config choice) as one line."""
+    cause = e.__cause__
+    text = " ".join(str(e).split())
+    if cause is not None and str(cause).split("\n")[0] not in str(e):
+        text += f" ({str(cause).splitlines()[0]})"
+    return text
 
 
 if __name__ == "__main__":
     sys.argv[1:] = rank_overrides(sys.argv[1:])  # torchrun: Hydra's files from rank 0 alone
-    main()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us, to print as below
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {hydra_error(e)}", file=sys.stderr)
+        sys.exit(1)
     if FAILED_RUNS:
         print(f"error: {len(FAILED_RUNS)} run(s) of the multirun failed; each run dir has an "
               f"error.txt: " + ", ".join(str(d) for d, _ in FAILED_RUNS), file=sys.stderr)

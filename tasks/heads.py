@@ -13,6 +13,8 @@ override them for that task.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -50,7 +52,8 @@ class ConcatHead(nn.Module):
 
 class _ProjectAggregate(nn.Module):
     def __init__(self, hidden_size: int, num_outputs: int = 1, proj_dim: int = 64,
-                 aggregator: str | None = None, alpha: float | None = None,
+                 aggregator: Literal["inner", "cosine", "sbert"] | None = None,
+                 alpha: float | None = None,
                  beta: float | None = None, label_range: tuple[float, float] | None = None,
                  dropout: float = 0.3):
         super().__init__()

@@ -202,10 +202,11 @@ class RecordingLogger:
 
 @pytest.fixture
 def recorded_logger(monkeypatch) -> RecordingLogger:
-    """The logger every `trainers.engine.run.run` in the test uses instead of the configured one."""
-    from trainers.engine import run as run_module
+    """The logger every `trainers.engine.run.run` in the test uses instead of the configured one
+    (the one place that builds it: `trainers.engine.recipe.check_config`)."""
+    from trainers.engine import recipe
 
-    recorder, real = RecordingLogger(), run_module.build
-    monkeypatch.setattr(run_module, "build", lambda node, key, **kw: recorder if key == "logger"
+    recorder, real = RecordingLogger(), recipe.build
+    monkeypatch.setattr(recipe, "build", lambda node, key, **kw: recorder if key == "logger"
                         else real(node, key, **kw))
     return recorder

@@ -106,7 +106,7 @@ def test_bad_values_are_config_errors_naming_the_key(compose_cfg):
     with pytest.raises(ConfigError, match=r"heads.pair_regression \(task sts\): unknown aggregator "
                                           r"'euclid'.*\['inner', 'cosine', 'sbert'\]"):
         build_model(cfg, get_tasks(["sts"]))
-    with pytest.raises(ConfigError, match="trainer: trainer.epochs=0 must be at least 1"):
+    with pytest.raises(ConfigError, match="trainer.epochs=0 must be a whole number >= 1"):
         build(compose_cfg(["trainer.epochs=0"]).trainer, "trainer")
     with pytest.raises(ConfigError, match="logger.mode='cloud'"):
         build(compose_cfg(["logger.mode=cloud"]).logger, "logger")

@@ -1,8 +1,10 @@
-"""Finding the Hydra runs under sweep folders and reading what each produced: its composed config
-(`.hydra/config.yaml`, read without resolving interpolations), the primary metric of each of its
-tasks (`run.json`'s task configs), its `metrics.json`, or why it has none (`error.txt`'s first
-line, or a run still going or killed), and which table it is for: the report's tables take runs on
-the report's tasks (sst, para, sts), the generic `tasks` table every other run.
+"""Finding the runs under sweep folders and reading what each produced, from `run.json`, the one
+record a run keeps of itself (trainers.engine.record): its config, its group choices and
+overrides, the primary metric of each of its tasks; then its `metrics.json`, or why it has none
+(`error.txt`'s first line, or a run still going or killed), and which table it is for: the
+report's tables take runs on the report's tasks (sst, para, sts), the generic `tasks` table every
+other run. A folder from before run.json kept its config (Hydra's `.hydra/config.yaml`, read
+without resolving interpolations) is read from there.
 """
 from __future__ import annotations
 
@@ -138,8 +140,12 @@ def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Every folder under `root` (itself included) that holds `.hydra/config.yaml`."""
-    return [p.parent.parent for p in root.rglob(".hydra/config.yaml") if p.is_file()]
+    """Every folder under `root` (itself included) that holds a run: its `run.json`, or (runs
+    made before run.json kept the config) `.hydra/config.yaml`."""
+    found = {p.parent for p in root.rglob(RUN_FILE) if p.is_file()}
+    found |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")
+              if p.is_file() and p.parent.name == ".hydra"}
+    return sorted(found)
 
 
 def _numbers(data: dict[str, Any]) -> dict[str, float]:
@@ -180,11 +186,24 @@ def read_task_metrics(run_dir: Path) -> dict[str, str]:
         return {}
 
 
+def read_record(run_dir: Path) -> dict:
+    """`run.json` as a dict ({} where there is none or it is unreadable)."""
+    try:
+        record = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def read_hydra(run_dir: Path) -> tuple[dict[str, str], tuple[str, ...]]:
     """The config group choices the run was composed from (`.hydra/hydra.yaml`'s
     `hydra.runtime.choices`: `peft` -> `pissa`) and its command line's overrides
-    (`hydra.overrides.task`: `peft.lr=0.0015`, `seed=2`); nothing where the file is missing or
-    unreadable."""
+    (`hydra.overrides.task`: `peft.lr=0.0015`, `seed=2`), as run.json keeps them (older runs:
+    from `.hydra/hydra.yaml`); nothing where neither has them."""
+    hydra = read_record(run_dir).get("hydra")
+    if isinstance(hydra, dict) and "choices" in hydra:
+        return ({str(k): str(v) for k, v in (hydra.get("choices") or {}).items()},
+                tuple(str(o) for o in hydra.get("overrides") or ()))
     try:
         hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices, resolve=False)
@@ -197,16 +216,26 @@ def read_hydra(run_dir: Path) -> tuple[dict[str, str], tuple[str, ...]]:
 
 def load_run(run_dir: Path) -> Run:
     """Reads one run dir; raises ValueError (with the reason) where its config cannot be read."""
+    config = read_record(run_dir).get("config")
+    if not isinstance(config, dict):
+        config = read_hydra_config(run_dir)
+    status, metrics, problem = read_outcome(run_dir)
+    return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem,
+               read_task_metrics(run_dir), *read_hydra(run_dir))
+
+
+def read_hydra_config(run_dir: Path) -> dict:
+    """The config of a run from before run.json kept it: `.hydra/config.yaml`."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"no config: neither {RUN_FILE} nor .hydra/config.yaml holds one")
     try:
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        config = OmegaConf.to_container(cfg, resolve=False)
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as e:  # a broken YAML file must not stop the other runs' tables
         raise ValueError(f"unreadable .hydra/config.yaml ({type(e).__name__}: {e})") from e
     if not isinstance(config, dict):
         raise ValueError(".hydra/config.yaml is not a mapping")
-    status, metrics, problem = read_outcome(run_dir)
-    return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem,
-               read_task_metrics(run_dir), *read_hydra(run_dir))
+    return config
 
 
 def collect_runs(roots: Iterable[Path]) -> tuple[list[Run], list[str]]:
@@ -227,5 +256,5 @@ def collect_runs(roots: Iterable[Path]) -> tuple[list[Run], list[str]]:
             warnings.append(f"skipped {run_dir}: {e}")
     if not runs and not warnings:
         names = ", ".join(str(r) for r in roots)
-        raise NoRunsError(f"no Hydra runs (no .hydra/config.yaml) under {names}")
+        raise NoRunsError(f"no runs (no {RUN_FILE} or .hydra/config.yaml) under {names}")
     return runs, warnings

@@ -29,7 +29,9 @@ def build(node: DictConfig, key: str, **kwargs):
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, MinbertError):
-            raise type(cause)(f"{key}: {cause}") from cause
+            message = str(cause)
+            raise type(cause)(message if message.startswith(key) else f"{key}: {message}"
+                              ) from cause
         raise ConfigError(f"cannot build `{key}` from its config: {e}") from e
 
 
@@ -41,11 +43,28 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`device=`: auto (a GPU if one is visible, else the CPU), cpu, cuda or cuda:<n>, mps; a
+    device that this machine does not have is refused, naming what it has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:<n>"
+                          ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ConfigError(f"device={name!r} but no CUDA GPU is visible; use device=cpu or "
+                              "auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name!r} but this machine has {count} GPU(s): "
+                              f"cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available here; use device=cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name!r}: minBERT runs on cpu, cuda or mps; use device=auto")
+    return device
 
 
 def run_tasks(cfg: DictConfig, trainer) -> list[Task]:

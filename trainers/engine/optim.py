@@ -92,22 +92,35 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def optimizer_choice(partial, method=None, state_bits: int = 32) -> tuple[str, dict]:
+    """Which optimizer a run trains with, decided from the config alone (checked before anything
+    is built): ("galore", AdamW's options) where the method projects gradients, ("8bit", ...)
+    for 8-bit states, else ("configured", {}): the trainer's optimizer as configured. A conflict
+    between those keys is a ConfigError naming both."""
+    if state_bits not in STATE_BITS:
+        raise ConfigError(f"optim.state_bits={state_bits!r}; use one of {list(STATE_BITS)}")
+    bits = f"optim.state_bits={state_bits}" if state_bits != 32 else ""
+    if method is not None and capabilities(method).own_optimizer:
+        reason = (f"peft={method.name} (GaLoreAdamW projects its gradients)"
+                  + (f" with {bits}" if bits else ""))
+        return "galore", adamw_kwargs(partial, reason)
+    if state_bits == 8:
+        return "8bit", adamw_kwargs(partial, f"{bits} (8-bit AdamW states)")
+    return "configured", {}
+
+
 def build_optimizer(partial, model: torch.nn.Module, head_lr: float | None = None, method=None,
                     state_bits: int = 32, hooks=None) -> torch.optim.Optimizer:
     """The optimizer over `model`'s trainable parameters: encoder and heads (at `head_lr`) groups,
     which the method's hooks may split and tag (`param_groups`); a method that declares
     `own_optimizer` (GaLore's projection) trains with GaLoreAdamW. `hooks`: the method's, as the
     run adapted them (None: adapted here)."""
-    if state_bits not in STATE_BITS:
-        raise ConfigError(f"optim.state_bits={state_bits!r}; use one of {list(STATE_BITS)}")
+    kind, kwargs = optimizer_choice(partial, method, state_bits)
     hooks = training_hooks(method) if hooks is None else hooks
     check_heads_only_lr(partial, model, head_lr, method)
     groups = hooks.param_groups(model, param_groups(model, head_lr))
-    bits = f"optim.state_bits={state_bits}" if state_bits != 32 else ""
-    if method is not None and capabilities(method).own_optimizer:
-        reason = (f"peft={method.name} (GaLoreAdamW projects its gradients)"
-                  + (f" with {bits}" if bits else ""))
-        return GaLoreAdamW(groups, state_bits=state_bits, **adamw_kwargs(partial, reason))
-    if state_bits == 8:
-        return AdamW8bit(groups, **adamw_kwargs(partial, f"{bits} (8-bit AdamW states)"))
+    if kind == "galore":
+        return GaLoreAdamW(groups, state_bits=state_bits, **kwargs)
+    if kind == "8bit":
+        return AdamW8bit(groups, **kwargs)
     return partial(groups)

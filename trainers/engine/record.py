@@ -10,7 +10,10 @@ is checked against it: a different config is refused, naming the keys that diffe
 that cannot change results (`MAY_DIFFER`)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +21,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.durable import write_json
-from common.errors import CheckpointError, ConfigError, MinbertError
+from common.errors import CheckpointError, ConfigError, DamagedFileError, MinbertError
 from minbert.peft import PeftMethod
 from tasks.registry import get_tasks, task_from_config, to_config
-from tasks.base import Task
+from tasks.base import SPLITS, Task
+from tasks.data import chosen_root
 from tasks.model import MultitaskModel
-from trainers.engine.build import build, build_method, build_model, resolve_device, run_tasks, \
-    seed_everything
+from trainers.engine.build import build_model, resolve_device, run_tasks, seed_everything
 from trainers.engine.context import TaskWeights
+from trainers.engine.recipe import build_parts
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # Keys a resumed run may change: where the data (and its cache) lives, display, checkpoint cadence,
 # the logger.
-MAY_DIFFER = ("resume", "progress", "data.root", "data.cache_dir", "data.download", "checkpoint",
-              "logger")
+MAY_DIFFER = ("resume", "progress", "data.root", "data.cache_dir", "data.download",
+              "data.allow_changed", "checkpoint", "logger")
 
 
 def read_record(run_dir: Path) -> dict | None:
@@ -46,13 +51,83 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: str | None,
-                 precision: tuple[str, str]) -> None:
-    """`precision`: (the one the run computes in, why: `trainers.engine.precision.run_precision`)."""
+                 precision: tuple[str, str], data: dict | None = None,
+                 hydra: dict | None = None) -> None:
+    """`precision`: (the one the run computes in, why: `trainers.engine.precision.run_precision`);
+    `data`: `data_fingerprints`' (with the changes a resume was allowed to make); `hydra`: the
+    group choices and command-line overrides the run was composed from (what tables label it
+    by), kept from the run's first invocation."""
     chosen, why = precision
+    previous = read_record(run_dir) or {}
     write_json(Path(run_dir) / RUN_FILE, {
         "tasks": [to_config(t) for t in tasks], "config": OmegaConf.to_container(cfg, resolve=True),
-        "precision": {"requested": cfg.get("precision", "fp32"), "chosen": chosen, "why": why},
-        "torch": str(torch.__version__), "threads": torch.get_num_threads(), "wandb_id": wandb_id})
+        "precision": {"requested": cfg.precision, "chosen": chosen, "why": why},
+        "torch": str(torch.__version__), "threads": torch.get_num_threads(), "wandb_id": wandb_id,
+        "hydra": previous.get("hydra") or hydra or {},
+        **(data or {k: previous[k] for k in ("data", "data_changed") if k in previous})})
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def current_data(cfg: DictConfig, tasks: list[Task]) -> dict[str, dict]:
+    """`<task>/<split>` -> the file's name and SHA-256, for every file the run's tasks list that
+    exists under the data root (a hub task: its data set's name)."""
+    root, out = chosen_root(cfg.data.root), {}
+    for task in tasks:
+        if task.format == "hub":
+            out[f"{task.name}/hub"] = {"file": str(task.source.get("path")),
+                                       "sha256": str(task.source.get("name"))}
+            continue
+        for split in SPLITS:
+            path = task.path(root, split)
+            if path is not None and path.is_file():
+                out[f"{task.name}/{split}"] = {"file": path.name, "sha256": sha256(path)}
+    return out
+
+
+def data_changes(saved: dict, now: dict) -> list[str]:
+    return [f"{key} ({(saved.get(key) or now.get(key))['file']}"
+            + (", now missing)" if key not in now else ", new)" if key not in saved
+               else ", changed)") for key in sorted(saved.keys() | now.keys())
+            if saved.get(key) != now.get(key)]
+
+
+def check_same_data(run_dir: Path, record: dict, cfg: DictConfig, tasks: list[Task]) -> None:
+    """A run resumes on the data it started with: every task file's fingerprint as `run.json`
+    has it, unless `data.allow_changed=true` (then the log says which changed)."""
+    saved = record.get("data")
+    if saved is None:  # a run from before data fingerprints
+        return
+    changed = data_changes(saved, current_data(cfg, tasks))
+    if not changed:
+        return
+    if not cfg.data.allow_changed:
+        raise ConfigError(f"{run_dir} started on other data: {'; '.join(changed[:6])} under "
+                          f"{chosen_root(cfg.data.root)} differ from the files it trained on. "
+                          "Resume it with the data it started with (data.root=...), start a new "
+                          "run, or pass data.allow_changed=true to continue on the changed files "
+                          "(run.json records it)")
+    log.warning("%s continues on changed data (data.allow_changed=true): %s", run_dir,
+                "; ".join(changed))
+
+
+def data_fingerprints(cfg: DictConfig, tasks: list[Task], record: dict | None) -> dict:
+    """What run.json keeps of the data: `data` (the fingerprints the run started with) and
+    `data_changed` (every resume that was allowed to change them, with the files)."""
+    now = current_data(cfg, tasks)
+    if record is None or record.get("data") is None:
+        return {"data": now, "data_changed": []}
+    history = list(record.get("data_changed") or [])
+    changed = data_changes(record["data"], now)
+    if changed:
+        history.append({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": changed})
+    return {"data": record["data"], "data_changed": history}
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -102,7 +177,12 @@ def load_run_config(run_dir: Path) -> DictConfig:
     config = Path(run_dir) / ".hydra" / "config.yaml"
     if not config.is_file():
         raise MinbertError(f"{config} not found: pass the folder of a run made by train.py")
-    return OmegaConf.load(config)
+    try:
+        return OmegaConf.load(config)
+    except Exception as e:  # a damaged YAML file
+        raise DamagedFileError(f"{config} is damaged ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]}); the run's config cannot be "
+                               "read: restore it from a copy of the run folder") from None
 
 
 def saved_tasks(run_dir: Path, cfg: DictConfig, trainer) -> list[Task]:
@@ -127,10 +207,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> SavedRun:
     the run built it, and the weights its strategy saved (adapter file, experts or a merge)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    trainer = build(cfg.trainer, "trainer")
+    trainer, method = build_parts(cfg)  # as the run built them (its config was checked then)
     tasks = saved_tasks(run_dir, cfg, trainer)
     seed_everything(cfg.seed)  # frozen random tensors come out as the run drew them
-    method = build_method(cfg)
     model = build_model(cfg, tasks, method).to(resolve_device(device)).eval()
     weights = trainer.load_weights(model, run_dir, [t.name for t in tasks])
     return SavedRun(run_dir, cfg, tasks, method, model, weights)

@@ -15,18 +15,18 @@ import logging
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from common.durable import RunLock, fault_point, write_json
-from common.errors import ConfigError
-from minbert.peft import check_mergeable, param_counts
+from common.errors import ConfigError, DamagedFileError
+from minbert.peft import param_counts
 from tasks.data import load_task_data
 from tasks.download import data_root
-from trainers.engine.build import (build, build_method, build_model, encode_data, resolve_device,
-                            run_tasks, seed_everything)
+from trainers.engine.build import build_model, encode_data, seed_everything
 from minbert.peft.contract import training_hooks
 from trainers.engine.context import RunContext, Settings, TaskWeights
 from trainers.engine.evaluate import evaluate, predict_task, write_predictions
@@ -37,7 +37,9 @@ from trainers.engine.scoring import write_history
 from trainers.engine.memory import PeakMemory, memory_metrics
 from trainers.engine.plots import plot_training
 from trainers.engine.precision import resolve_precision, run_precision
-from trainers.engine.record import check_same_run, read_record, write_record
+from trainers.engine.recipe import Checked, checked
+from trainers.engine.record import (check_same_data, check_same_run, data_fingerprints,
+                                    read_record, write_record)
 from trainers.engine.state import CHECKPOINTS, TrainState, load_checkpoint, restore_checkpoint
 from trainers.engine.sweeps import ERROR_FILE
 
@@ -45,40 +47,34 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
-def setup(cfg: DictConfig, run_dir: str | Path, precision: str | None = None,
-          tasks: list | None = None, parallel: Replicas | None = None,
-          device: torch.device | None = None):
-    """Everything a run trains with, built before any training so that bad input fails early:
-    (the trainer, the logger, the RunContext: model, tasks, encoded data, ...). `precision`: the
-    one to compute in (`run` passes the resolved one; None: `cfg.precision` resolved here).
-    `parallel`, `device`: the run's processes and this one's device (`trainers.engine.parallel.
-    start`; None: started here)."""
-    run_dir = Path(run_dir)
+def setup(cfg, run_dir: str | Path, precision: str | None = None,
+          parallel: Replicas | None = None, device: torch.device | None = None):
+    """Everything a run trains with, each part built once, in order, from a checked config
+    (`cfg`: a `trainers.engine.recipe.Checked`, or a composed config checked here): the data
+    read and checked, the model (encoder, PEFT method, heads), the tokenized data and the
+    `RunContext`. Returns (the trainer, the logger, the context). `precision`: the one to compute
+    in (None: `precision` resolved here); `parallel`, `device`: the run's processes and this one's
+    device (`trainers.engine.parallel.start`; None: started here)."""
+    run = checked(cfg)
+    cfg, run_dir = run.cfg, Path(run_dir)
     if parallel is None:
-        parallel, device = start_processes(resolve_device(cfg.device))
-    if parallel.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(cfg.seed)
-    trainer, logger = build(cfg.trainer, "trainer"), build(cfg.logger, "logger")  # fail fast
-    logger = logger if parallel.main else NullLogger()  # one W&B run: rank 0's
-    check_batch(cfg.data.batch_size, parallel)
-    tasks = run_tasks(cfg, trainer) if tasks is None else tasks
-    method = build_method(cfg)
-    if trainer.merges:
-        check_mergeable(method, trainer.merges)  # before any data is read or a step is taken
-    raw = load_task_data(tasks, data_root(cfg, tasks), cfg.data.limit_train, cfg.data.limit_eval,
-                         cfg.data.get("cache_dir"), cfg.data.get("predict_test", True))
+        parallel, device = start_processes(run.device)
+    check_batch(run.schema.data.batch_size, parallel)
+    generator = seed_everything(run.schema.seed)
+    data = run.schema.data
+    raw = load_task_data(run.tasks, data_root(cfg, run.tasks), data.limit_train, data.limit_eval,
+                         data.cache_dir, data.predict_test)
     if precision is None:
-        precision, _ = resolve_precision(cfg.get("precision", "fp32"), device)
-    model = build_model(cfg, tasks, method).to(device)
-    checkpoint = cfg.get("checkpoint") or {}
-    settings = Settings(run_dir, cfg.data.batch_size, cfg.data.eval_batch_size, device,
-                        cfg.progress and parallel.main, cfg.optim.state_bits,
-                        checkpoint_every=int(checkpoint.get("every_n_steps", 0) or 0),
-                        checkpoint_keep=int(checkpoint.get("keep", 2)), precision=precision)
-    ctx = RunContext(model, tasks, encode_data(cfg, model, raw), settings, logger, generator,
-                     method, training_hooks(method), parallel)
-    return trainer, logger, ctx
+        precision, _ = resolve_precision(run.schema.precision, device)
+    model = build_model(cfg, run.tasks, run.method).to(device)
+    settings = Settings(run_dir, data.batch_size, data.eval_batch_size, device,
+                        run.schema.progress and parallel.main, run.schema.optim.state_bits,
+                        run.schema.checkpoint.every_n_steps, run.schema.checkpoint.keep,
+                        precision)
+    logger = run.logger if parallel.main else NullLogger()  # one W&B run: rank 0's
+    ctx = RunContext(model, run.tasks, encode_data(cfg, model, raw), settings, logger, generator,
+                     run.method, training_hooks(run.method), parallel)
+    return run.trainer, logger, ctx
 
 
 def check_batch(batch_size: int, parallel: Replicas) -> None:
@@ -87,41 +83,77 @@ def check_batch(batch_size: int, parallel: Replicas) -> None:
                           f"{parallel.world} processes: give at least one example to each")
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Trains and evaluates one configuration (or continues it from its newest checkpoint);
-    returns dev/overall, the sweep objective."""
-    run_dir = Path(run_dir)
-    parallel, device = start_processes(resolve_device(cfg.device))
+def preflight(run: Checked, run_dir: Path) -> dict | None:
+    """What a run dir holds, read without writing anything: None for a new run, else its record
+    (`run.json`), after checking it is this config's run and its data is the data it started
+    with. A command refused here has changed no file."""
+    record = read_record(run_dir)
+    if record is not None:
+        check_same_run(run_dir, record, run.cfg, run.tasks)
+        if not (run_dir / METRICS_FILE).is_file():
+            check_same_data(run_dir, record, run.cfg, run.tasks)
+    return record
+
+
+def finished_score(run_dir: Path) -> float | None:
+    """dev/overall of a finished run (its metrics.json), else None."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return float(json.loads(path.read_text())["dev/overall"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DamagedFileError(f"{path} is damaged ({type(e).__name__}: {e}); the run finished "
+                               "but its scores cannot be read: delete metrics.json and run the "
+                               "same command again to score its saved weights anew") from None
+
+
+def run(cfg, run_dir: str | Path, parallel: Replicas | None = None,
+        device: torch.device | None = None, invocation: Callable[[], dict] | None = None
+        ) -> float:
+    """Trains and evaluates one configuration (`cfg`: a `Checked` run, or a composed config,
+    checked here), or continues it from its newest checkpoint; returns dev/overall, the sweep
+    objective. Everything is checked, read and built before the first file is written; a
+    finished run returns its score having written nothing. `invocation`: called once all is
+    built, before training (`train.py` writes its Hydra files and opens train.log there); it
+    returns the group choices and overrides that run.json keeps."""
+    run, run_dir = checked(cfg), Path(run_dir)
+    if parallel is None:
+        parallel, device = start_processes(run.device)
+    record = preflight(run, run_dir)
+    score = finished_score(run_dir) if record is not None else None
+    if score is not None:
+        log.info("%s has finished already (dev/overall %.4f): nothing to do", run_dir, score)
+        return score
+    precision = run_precision(run.schema.precision, device, record)
+    log.info("%s", precision[1])
+    trainer, logger, ctx = setup(run, run_dir, precision[0], parallel, device)
     with RunLock(run_dir) if parallel.main else nullcontext():  # rank 0 holds the run
-        record = read_record(run_dir)
-        tasks = run_tasks(cfg, build(cfg.trainer, "trainer"))
-        if record is not None:
-            check_same_run(run_dir, record, cfg, tasks)
-            if (run_dir / METRICS_FILE).is_file():
-                score = json.loads((run_dir / METRICS_FILE).read_text())["dev/overall"]
-                log.info("%s has finished already (dev/overall %.4f): nothing to do", run_dir,
-                         score)
-                return score
+        record = preflight(run, run_dir)  # again, now that no other process can change it
+        hydra = invocation() if invocation is not None else None
         parallel.barrier()  # every rank has read the run's files before rank 0 writes any
         if parallel.main:
             (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed attempt's, now stale
-        precision = run_precision(cfg.get("precision", "fp32"), device, record)
-        log.info("%s", precision[1])
-        trainer, logger, ctx = setup(cfg, run_dir, precision[0], tasks, parallel, device)
         state = TrainState()
-        resumed = restore(trainer, ctx, state)
-        wandb_id = logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir,
+        resumed = restore(trainer, ctx, state, record is not None)
+        wandb_id = logger.start(OmegaConf.to_container(run.cfg, resolve=True), run_dir,
                                 (record or {}).get("wandb_id") if resumed else None)
-        write_record(run_dir, cfg, ctx.tasks, wandb_id, precision)
+        write_record(run_dir, run.cfg, ctx.tasks, wandb_id, precision,
+                     data_fingerprints(run.cfg, ctx.tasks, record), hydra)
         return train_and_finish(trainer, logger, ctx, state)
 
 
-def restore(trainer, ctx: RunContext, state: TrainState) -> bool:
+def restore(trainer, ctx: RunContext, state: TrainState, started: bool = False) -> bool:
     """Begins the run's phase: the first, or (from the newest readable checkpoint) the one the
     run was in, with every tensor, counter and generator as the checkpoint has them. Returns
-    whether a checkpoint was loaded."""
+    whether a checkpoint was loaded. `started`: the run dir holds a started run (its run.json),
+    whose missing checkpoints are said before it starts again from step 0."""
     trainer.start(ctx, state)
     sd = load_checkpoint(ctx.run_dir)
+    if sd is None and started:
+        log.warning("%s holds a started run but no checkpoint (%s/ is empty or missing): it "
+                    "starts again from step 0, and its history is written anew", ctx.run_dir,
+                    CHECKPOINTS)
     if sd is not None:
         state.load_counters(sd["state"])
     trainer.begin_phase(ctx, state, min(state.phase, len(trainer.phases(ctx)) - 1))

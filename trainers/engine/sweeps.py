@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from common.distributed import is_main
+from common.durable import write_text
 from common.errors import MinbertError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ ERROR_FILE = "error.txt"
 # Config groups whose choice names a run in W&B (`peft:lora`, `order:sts-sst-para`, ...).
 TAGGED_GROUPS = ("peft", "trainer", "order", "heads", "scale", "table2", "table3", "sweep")
 FAILED_RUNS: list[tuple[Path, str]] = []  # filled by SweepReport for train.py's exit code
+REFUSED: list[tuple[Path, str]] = []  # jobs refused in a finished run's dir (left as it was)
 
 
 def run_task_names(cfg: DictConfig) -> list[str]:
@@ -39,8 +41,9 @@ def label_run(cfg: DictConfig, choices: dict[str, Any], sweep_dir: str | None,
               override_dirname: str = "") -> None:
     """Sets `logger.group`, `logger.tags` and `logger.name` where the user left them empty.
     `choices` is Hydra's runtime group choices; `sweep_dir` is None outside a multirun."""
-    if "tags" not in cfg.logger:
-        return  # a logger without W&B-style identity (logger=none)
+    if not isinstance(cfg.get("logger"), DictConfig) or "tags" not in cfg.logger \
+            or not isinstance(cfg.logger.tags, (ListConfig, type(None))):
+        return  # a logger without W&B-style identity (logger=none), or one the schema refuses
     tags = [f"{group}:{choices[group]}" for group in TAGGED_GROUPS if choices.get(group)]
     tags += [f"task:{t}" for t in run_task_names(cfg)]
     tags.append(f"seed:{cfg.seed}")
@@ -69,9 +72,10 @@ def record_failure(run_dir: str | Path, error: BaseException, direction: str = "
         log.exception("run failed: %s", message)
     else:
         log.error("run failed: %s", message)
-    if is_main():  # a data-parallel run's rank 0 writes its files
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ERROR_FILE).write_text(text + "\n")
+    if (run_dir / "metrics.json").is_file():  # a finished run is never touched
+        REFUSED.append((run_dir, text.splitlines()[0]))
+    elif is_main():  # a data-parallel run's rank 0 writes its files
+        write_text(run_dir / ERROR_FILE, text + "\n")
     return float("inf") if direction == "minimize" else float("-inf")
 
 
@@ -91,7 +95,7 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         finished = len(list(sweep_dir.rglob("metrics.json")))
-        failed = failed_runs(sweep_dir)
+        failed = failed_runs(sweep_dir) + REFUSED
         FAILED_RUNS.extend(failed)
         if not failed:
             log.info("multirun finished: %d runs in %s", finished, sweep_dir)

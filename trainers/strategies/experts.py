@@ -27,11 +27,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from common.errors import CheckpointError, ConfigError
 from minbert.peft import adapter_layers, adapter_state_dict, adapter_tensors, param_counts
-from minbert.peft.io import method_metadata, save_state
+from minbert.peft.io import method_metadata, read_state, save_state
 from minbert.peft.lora import LoraLinear
 from minbert.peft.merging import (MERGES, MergeError, check_merge_options, default_options,
                                    merge_deltas)
@@ -73,7 +72,7 @@ def read_experts(run_dir: Path, tasks: list[str]) -> dict[str, State]:
     if missing:
         raise CheckpointError(f"no saved experts {missing}: only runs of trainer=eoe, fedavg or "
                               "orthoada save experts (did the run finish?)")
-    return {t: load_file(str(f)) for t, f in files.items()}
+    return {t: read_state(f, f"expert for {t}") for t, f in files.items()}
 
 
 def load_init(model, run_dir: Path) -> None:
@@ -82,7 +81,7 @@ def load_init(model, run_dir: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the run's initial adapter state is needed to "
                               "rebuild its experts (was the run made by an older version?)")
-    load_state(model, load_file(str(path)))
+    load_state(model, read_state(path, "initial adapter state"))
 
 
 class Experts:
@@ -162,6 +161,13 @@ class MergeExperts(Experts):
             log.info("trainer.finisher.merge=%s: trainer.finisher.%s=%s (the published default)",
                      merge, key, self.options[key])
 
+    def check_tasks(self, names: list[str]) -> None:
+        """Before any expert trains: one weight per task (`Strategy.check_tasks`)."""
+        if self.weights is not None and len(self.weights) != len(names):
+            raise ConfigError(f"trainer.finisher.weights={self.weights} has {len(self.weights)} "
+                              f"values for the run's {len(names)} tasks {names}: give one weight "
+                              "per task, in the order of `tasks`, or null (equal weights)")
+
     def weights_for(self, n: int) -> list[float]:
         """The merge's weights for n experts: `weights`, else `default_weight` (else 1/n) each."""
         weights = self.weights or [1.0 / n if self.default_weight is None
@@ -188,7 +194,7 @@ class MergeExperts(Experts):
             raise CheckpointError(f"{path} not found: the run did not finish its merge")
         heads = {n: t for e in read_experts(run_dir, tasks).values() for n, t in e.items()
                  if n.startswith("heads.")}
-        return merged_weights(model, load_file(str(path)), heads)
+        return merged_weights(model, read_state(path, "merge of the experts"), heads)
 
 
 def merge_experts(model, init: State, experts: list[State], method: str, weights: list[float],

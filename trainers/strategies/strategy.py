@@ -18,6 +18,8 @@ Protocol this class satisfies.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,8 +50,16 @@ class TrainOptions:
     patience: int | None = None
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"trainer.epochs={self.epochs} must be at least 1")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise ConfigError(f"trainer.epochs={self.epochs!r} must be a whole number >= 1")
+        if self.head_lr is not None and not (isinstance(self.head_lr, (int, float))
+                                             and 0 <= self.head_lr < math.inf):
+            raise ConfigError(f"trainer.head_lr={self.head_lr!r} must be a number >= 0 (0 "
+                              "freezes the heads), or null: the heads train at optimizer.lr")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and 0 < self.max_grad_norm < math.inf):
+            raise ConfigError(f"trainer.max_grad_norm={self.max_grad_norm!r} must be a positive "
+                              "number, or null: no clipping")
         for key in ("eval_every_n_steps", "patience"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -61,6 +71,8 @@ class TrainOptions:
 
 class Strategy:
     """`trainer=<name>`: the parts, assembled. `task`: train that task alone (`trainer=single`)."""
+
+    config_options = TrainOptions  # what **options takes (trainers.engine.targets)
 
     def __init__(self, optimizer: Callable, schedule, finisher=None, phases: str = "one",
                  combiner="sum", init=None, task: str | None = None, **options):
@@ -79,6 +91,13 @@ class Strategy:
     def tasks(self) -> list[str] | None:
         """The tasks the strategy itself trains (`trainer.task`), else None: the run's `tasks`."""
         return [self.task] if self.task else None
+
+    def check_tasks(self, names: list[str]) -> None:
+        """Before anything is built: the parts that depend on the run's tasks agree with them
+        (a merge's weights, one per task)."""
+        check = getattr(self.finisher, "check_tasks", None)
+        if check is not None:
+            check(names)
 
     @property
     def merges(self) -> str | None:
