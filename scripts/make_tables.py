@@ -7,9 +7,9 @@ own numbers, and a generic table (`tasks`) for runs on other tasks.
     python scripts/make_tables.py <sweep with tasks=[sst,para,sts,cfimdb]> --table tasks
     python scripts/make_tables.py <experiment=zoo sweep> --table zoo        # and zoo-pareto.png
 
-A run is any folder below the given ones with `.hydra/config.yaml`. A run on the report's tasks
-(sst, para and sts: `tasks`, or an older run's `order.tasks`; or one of them alone, trainer=single)
-goes in a report table: its `experiment_name` (or, for an ad-hoc run, its trainer and PEFT method)
+A run is any folder below the given ones with `run.json` (older runs: `.hydra/config.yaml`). A
+run on the report's tasks (sst, para and sts: `tasks`, or an older run's `order.tasks`; or one of
+them alone, trainer=single) goes in a report table: its `experiment_name` (or, for an ad-hoc run, its trainer and PEFT method)
 says which, the rest of its config which row and column. Every other run goes in the `tasks`
 table: a row per task list, strategy, PEFT config and head design, a column per task with its
 primary metric (`reports/tables/task_table.py`). Finished runs have `metrics.json`; a cell is the
@@ -51,7 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Tables 1-3 and Figure 2 from Hydra runs, the tasks table for runs on "
                     "other tasks, and the zoo of PEFT methods.")
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                        help="sweep or run folders, searched recursively for .hydra/config.yaml")
+                        help="sweep or run folders, searched recursively for run.json (or, "
+                             "older runs, .hydra/config.yaml)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the tables (default: <first DIR>/tables)")
     parser.add_argument("--table", type=table_name, nargs="+", action="extend",

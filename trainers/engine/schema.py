@@ -33,7 +33,7 @@ from common.errors import ConfigError
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
-TargetNode = dict[str, Any]  # a `_target_` node: checked against its target (trainers.engine.targets)
+TargetNode = dict[str, Any]  # a `_target_` node: checked against its target (targets.py)
 
 
 class Section(BaseModel):
