@@ -64,7 +64,8 @@ def remerge(run_dir: Path, method: str | None, weights: list[float] | None, opti
     raw = load_task_data(saved.tasks, resolve_root(data_root or saved.cfg.data.root), None,
                          saved.cfg.data.limit_eval, saved.cfg.data.get("cache_dir"))
     data = encode_data(saved.cfg, saved.model, {t: {"dev": s["dev"]} for t, s in raw.items()})
-    ctx = RunContext.for_scoring(saved.model, saved.tasks, data, run_dir, saved.method)
+    ctx = RunContext.for_scoring(saved.model, saved.tasks, data, run_dir, saved.method,
+                                 eval_batch_size=saved.cfg.data.eval_batch_size)
     metrics, _ = evaluate(ctx, "dev", weights=merged_weights(saved.model, merged, heads))
     write_json(run_dir / "merges" / f"{method}.json",
                {"method": method, "weights": weights, **options, **metrics})

@@ -200,3 +200,26 @@ def test_a_refused_or_finished_command_leaves_the_run_byte_identical(
                  *extra)
     assert proc.returncode == (0 if not extra else 1), proc.stderr[-2000:]
     assert snapshot(finished_cli_run) == before
+
+
+VALID = {"trainer.epochs": st.sampled_from(["1", "2"]),
+         "data.batch_size": st.sampled_from(["8", "16"]),
+         "trainer.scheduler": st.sampled_from(["constant", "linear", "cosine"]),
+         "trainer.max_grad_norm": st.sampled_from(["null", "1.0"]),
+         "peft": st.sampled_from(["lora", "ia3", "bitfit", "none"]),
+         "heads": st.sampled_from(["joint", "separate", "concat"]),
+         "seed": st.integers(0, 2**32 - 1).map(str)}
+
+
+@settings(max_examples=3, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.fixed_dictionaries(VALID))
+def test_drawn_valid_configs_train(shared_synthetic_root, tmp_path_factory, draw):
+    """A few configs drawn from the valid values pass the check and train end to end."""
+    from trainers.engine.run import run
+
+    overrides = smoke_overrides(shared_synthetic_root, "data.limit_train=32",
+                                "data.limit_eval=32", *[f"{k}={v}" for k, v in draw.items()])
+    score = run(check_config(compose_config(overrides), overrides),
+                tmp_path_factory.mktemp("drawn"))
+    assert 0 <= score <= 1

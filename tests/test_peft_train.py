@@ -65,7 +65,7 @@ def test_method_trains_end_to_end_and_its_adapter_rebuilds_the_run(compose_cfg, 
     load_adapter(fresh, tmp_path / "adapter.safetensors")  # one base model, many adapters
     raw = load_task_data(tasks, synthetic_root, None, None)
     data = encode_data(cfg, fresh, raw)
-    ctx = RunContext.for_scoring(fresh, tasks, data, tmp_path)
+    ctx = RunContext.for_scoring(fresh, tasks, data, tmp_path, eval_batch_size=128)
     for task in tasks:
         want = read_predictions(tmp_path / "predictions" / f"{task.name}-dev-output.csv")
         got = predict(ctx, task, data["dev"][task.name])
@@ -161,7 +161,7 @@ def test_frozen_encoder_trains_only_the_heads(synthetic_root, tmp_path):
     assert any(not torch.equal(saved[k], init[k]) for k in saved)
     load_adapter(fresh, tmp_path / "adapter.safetensors")
     data = encode_data(cfg, fresh, load_task_data(tasks, synthetic_root, None, None))
-    ctx = RunContext.for_scoring(fresh, tasks, data, tmp_path)
+    ctx = RunContext.for_scoring(fresh, tasks, data, tmp_path, eval_batch_size=128)
     for task in tasks:
         want = read_predictions(tmp_path / "predictions" / f"{task.name}-dev-output.csv")
         np.testing.assert_allclose(predict(ctx, task, data["dev"][task.name]), want, atol=1e-5)

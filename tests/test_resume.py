@@ -366,3 +366,42 @@ def test_random_kills_resume_bit_identically(root, tmp_path):
         failures = [f for f in pool.map(cell, MATRIX) if f]
     assert not failures, "\n".join(failures)
     assert len(MATRIX) == 17 and {s for s, _ in MATRIX} == set(STRATEGIES)
+
+
+def killed_run(tmp_path: Path) -> tuple[Path, Path]:
+    """(its own data root, a run killed at its 3rd step, after a checkpoint)."""
+    data = write_synthetic_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    proc = launch(data, run_dir, "peft=lora", fault="step@3")
+    assert proc.returncode != 0 and checkpoint_files(run_dir)
+    return data, run_dir
+
+
+def test_resume_refuses_changed_data_naming_the_file_unless_allowed(tmp_path):
+    data, run_dir = killed_run(tmp_path)
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert set(recorded["data"]) >= {"sst/train", "sst/dev", "para/train", "sts/dev"}
+    train = data / "ids-sst-train.csv"
+    train.write_text(train.read_text().replace("movie number 1\t", "film number 1\t"))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = launch(data, run_dir, "peft=lora", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "started on other data: sst/train (ids-sst-train.csv, changed)" in refused.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    launch(data, run_dir, "peft=lora", "data.allow_changed=true")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["data"] == recorded["data"]  # what the run started on
+    assert [c["files"] for c in record["data_changed"]] == [["sst/train (ids-sst-train.csv, "
+                                                              "changed)"]]
+    assert (run_dir / "metrics.json").is_file()
+    assert "continues on changed data" in (run_dir / "train.log").read_text()
+
+
+def test_deleted_checkpoints_are_said_before_starting_again(tmp_path):
+    data, run_dir = killed_run(tmp_path)
+    for path in checkpoint_files(run_dir):
+        path.unlink()
+    proc = launch(data, run_dir, "peft=lora")
+    assert "holds a started run but no checkpoint" in proc.stdout + proc.stderr
+    assert (run_dir / "metrics.json").is_file()
+    assert len(list((run_dir / ".hydra").glob("resume-*"))) == 1  # this invocation's own files

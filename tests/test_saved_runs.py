@@ -28,7 +28,8 @@ def script(name: str, *args) -> subprocess.CompletedProcess:
 def dev_scores(saved, root) -> dict[str, float]:
     raw = load_task_data(saved.tasks, root, None, None)
     data = encode_data(saved.cfg, saved.model, raw)
-    ctx = RunContext.for_scoring(saved.model, saved.tasks, data, saved.run_dir, saved.method)
+    ctx = RunContext.for_scoring(saved.model, saved.tasks, data, saved.run_dir, saved.method,
+                                 eval_batch_size=saved.cfg.data.eval_batch_size)
     return evaluate(ctx, "dev", weights=saved.weights)[0]
 
 

@@ -31,17 +31,18 @@ def shared_weights(task: str) -> ContextManager:
 
 @dataclass(frozen=True)
 class Settings:
-    """A run's plain settings, fixed once the run is built."""
+    """A run's plain settings, fixed once the run is built, each from its checked config key (no
+    defaults here: they live in conf/)."""
 
     run_dir: Path
-    batch_size: int = 32  # data.batch_size
-    eval_batch_size: int = 128  # data.eval_batch_size
-    device: torch.device = torch.device("cpu")
-    progress: bool = True  # progress bars
-    state_bits: int = 32  # optim.state_bits: 8 stores optimizer moments block-wise in 8 bits
-    checkpoint_every: int = 0  # checkpoint.every_n_steps (0: at epoch ends only)
-    checkpoint_keep: int = 2  # checkpoint.keep
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (auto resolved: trainers.engine.precision)
+    batch_size: int  # data.batch_size
+    eval_batch_size: int  # data.eval_batch_size
+    device: torch.device
+    progress: bool  # progress bars
+    state_bits: int  # optim.state_bits: 8 stores optimizer moments block-wise in 8 bits
+    checkpoint_every: int  # checkpoint.every_n_steps (0: at epoch ends only)
+    checkpoint_keep: int  # checkpoint.keep
+    precision: str  # fp32 | bf16 | fp16 (auto resolved: trainers.engine.precision)
 
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
@@ -64,11 +65,15 @@ class RunContext:
 
     @classmethod
     def for_scoring(cls, model: MultitaskModel, tasks: list[Task], data: dict, run_dir: Path,
-                    method=None, **settings) -> "RunContext":
-        """A context that only scores (the scripts that load a finished run): no logger, no
-        progress bars unless asked for."""
-        return cls(model, tasks, data, Settings(run_dir, **{"progress": False, **settings}),
-                   method=method)
+                    method=None, *, eval_batch_size: int, progress: bool = False,
+                    precision: str = "fp32") -> "RunContext":
+        """A context that only scores (the scripts that load a finished run, with the run's own
+        `data.eval_batch_size`): on the model's device, no logger, nothing trained or
+        checkpointed, no progress bars unless asked for."""
+        device = next(model.parameters()).device
+        settings = Settings(run_dir, eval_batch_size, eval_batch_size, device, progress, 32, 0, 1,
+                            precision)
+        return cls(model, tasks, data, settings, method=method)
 
     @property
     def run_dir(self) -> Path:
