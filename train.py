@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from common.errors import ConfigError, MinbertError
-from trainers.engine.invocation import forget_if_empty, keep_invocation, report
+from trainers.engine.invocation import forget_if_empty, hold_log, keep_invocation, report
 from trainers.engine.launch import agree_run_dir, check_launcher, rank_overrides
 from trainers.engine.loop import Preempted
 from trainers.engine.parallel import start as start_processes
@@ -53,6 +53,7 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     output_dir = hydra_cfg.runtime.output_dir
+    hold_log()  # train.log opens once everything has passed; what is logged until then waits
     try:
         check_launcher(hydra_cfg.launcher.get("_target_") if multirun else None)
         label_run(cfg, dict(hydra_cfg.runtime.choices),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -183,6 +184,7 @@ def run_ours(args, root: Path, every: int) -> list[dict]:
     """train.py's run with the preset, scoring dev every `every` steps."""
     from hydra import compose, initialize_config_dir
     import trainers.engine.run as run_module
+    from trainers.engine.recipe import check_config
 
     start = time.perf_counter()
     overrides = [*args.preset, f"precision={args.precision}", f"trainer.epochs={args.epochs}",
@@ -196,14 +198,9 @@ def run_ours(args, root: Path, every: int) -> list[dict]:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     clock = DevClock(start)
-    real_build = run_module.build  # the run's logger is our clock
-    run_module.build = lambda node, key, **kw: clock if key == "logger" else real_build(node, key,
-                                                                                         **kw)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_module.run(cfg, tmp)
-    finally:
-        run_module.build = real_build
+    checked = dataclasses.replace(check_config(cfg), logger=clock)  # the run's logger: our clock
+    with tempfile.TemporaryDirectory() as tmp:
+        run_module.run(checked, tmp)
     return clock.points
 
 

@@ -3,6 +3,7 @@ the grid the report describes, and every preset runs end to end at smoke scale (
 subprocess, on the synthetic data set), with a failing job reported without losing the others."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -192,16 +193,23 @@ def test_every_preset_runs_at_smoke_scale(tmp_path, shared_synthetic_root, exper
 
 
 def test_failed_job_is_reported_and_the_others_kept(tmp_path, shared_synthetic_root):
+    """A job whose data turns out bad (every config is checked before the sweep starts, so the
+    failure is the data's) fails alone: the others finish and the sweep reports it."""
+    root = tmp_path / "data"
+    shutil.copytree(shared_synthetic_root, root)
+    para = root / "quora-train.csv"
+    para.write_text(para.read_text().splitlines()[0] + "\n")  # a header and no rows
     sweep = tmp_path / "sweep"
     proc = train_cli("-m", "experiment=table2", "scale=smoke", "table2=lora-qkv-r2",
-                     "trainer.task=sst,bogus,sts", f"data.root={shared_synthetic_root}",
+                     "trainer.task=sst,para,sts", f"data.root={root}",
                      f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode == 1
     assert "1 run(s) of the multirun failed" in proc.stderr and str(sweep / "1") in proc.stderr
     assert "Traceback" not in proc.stderr
     error = (sweep / "1" / "error.txt").read_text()
-    assert error.startswith("tasks: no task 'bogus': there is no task/bogus.yaml")
+    assert error.startswith(f"{para} has a header but no data rows")
     assert sorted(r["cfg"]["trainer"]["task"] for r in finished_runs(sweep)) == ["sst", "sts"]
+    assert (sweep / "1" / "run.json").exists() is False  # it failed before writing anything
 
 
 def test_count_params_gives_table2_parameters_on_bert_base_shapes(capsys):

@@ -288,7 +288,7 @@ def test_empty_folder_and_missing_table(cli, tmp_path, capsys):
     empty.mkdir()
     assert cli.main([str(empty)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: no Hydra runs (no .hydra/config.yaml) under {empty}\n"
+    assert err == f"error: no runs (no run.json or .hydra/config.yaml) under {empty}\n"
     assert cli.main([str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
     write_run(tmp_path / "run", compose_config(["experiment=table1"]), 1,

@@ -45,7 +45,7 @@ def test_fp16_needs_a_gpu(synthetic_root, tmp_path):
         pytest.skip("this machine has a GPU: fp16 is allowed")
     with pytest.raises(ConfigError, match="precision=fp16 needs a GPU"):
         run(compose_config(smoke_overrides(synthetic_root, "precision=fp16")), tmp_path)
-    with pytest.raises(ConfigError, match="precision='fp8'; use one of"):
+    with pytest.raises(ConfigError, match="precision='fp8': must be 'fp32', 'auto', 'bf16' or 'fp16'"):
         run(compose_config(smoke_overrides(synthetic_root, "precision=fp8")), tmp_path)
 
 

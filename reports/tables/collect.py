@@ -217,7 +217,7 @@ def read_hydra(run_dir: Path) -> tuple[dict[str, str], tuple[str, ...]]:
 def load_run(run_dir: Path) -> Run:
     """Reads one run dir; raises ValueError (with the reason) where its config cannot be read."""
     config = read_record(run_dir).get("config")
-    if not isinstance(config, dict):
+    if not (isinstance(config, dict) and config):  # none recorded: an older run's Hydra file
         config = read_hydra_config(run_dir)
     status, metrics, problem = read_outcome(run_dir)
     return Run(run_dir, {str(k): v for k, v in config.items()}, status, metrics, problem,

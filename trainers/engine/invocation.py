@@ -15,6 +15,7 @@ checked before the first starts.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
@@ -65,16 +66,39 @@ def keep_invocation(hydra_cfg, cfg: DictConfig, run_dir: Path, resumed: bool,
     return {"choices": choices, "overrides": overrides}
 
 
+def hold_log() -> None:
+    """Keeps what is logged from now on in memory until `open_log` writes it to the run's
+    train.log (the checks' and the data's lines too), or a refusal drops it with the rest."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Held)]:
+        root.removeHandler(handler)
+    root.addHandler(_Held())
+
+
+class _Held(logging.handlers.MemoryHandler):
+    def __init__(self):
+        super().__init__(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+
+    def shouldFlush(self, record) -> bool:
+        return False  # only open_log empties it, into the file
+
+
 def open_log(run_dir: Path) -> None:
     """The root logger also writes to `<run_dir>/train.log` (appending: a resumed run's log goes
-    on)."""
+    on), starting with what `hold_log` kept."""
     path = str((run_dir / LOG_FILE).absolute())
     root = logging.getLogger()
-    if any(getattr(h, "baseFilename", None) == path for h in root.handlers):
-        return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
+    handler = next((h for h in root.handlers if getattr(h, "baseFilename", None) == path), None)
+    if handler is None:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    for held in [h for h in root.handlers if isinstance(h, _Held)]:
+        for record in held.buffer:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        held.buffer.clear()
+        root.removeHandler(held)
 
 
 def run_dir_problem(path: str | Path) -> str | None:
@@ -130,21 +154,35 @@ class CheckBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         path = Path(str(config.hydra.run.dir)).absolute()
-        problem = run_dir_problem(path)
+        existed = path.exists()
+        problem = run_dir_problem(path) or make(path)
         if problem:
             report(ConfigError(f"hydra.run.dir={path}: cannot make the run dir there ({problem});"
                                " choose another folder"))
             sys.exit(1)
-        if not path.exists():
+        if not existed:
             _MADE_HERE.add(str(path))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        problem = run_dir_problem(str(config.hydra.sweep.dir))
-        problems = [f"hydra.sweep.dir={config.hydra.sweep.dir}: cannot make the sweep dir there "
-                    f"({problem}); choose another folder"] if problem else check_jobs(config)
+        sweep = Path(str(config.hydra.sweep.dir)).absolute()
+        problem = run_dir_problem(sweep)
+        problems = [f"hydra.sweep.dir={sweep}: cannot make the sweep dir there ({problem}); "
+                    "choose another folder"] if problem else check_jobs(config)
+        if not problems and make(sweep):
+            problems = [f"hydra.sweep.dir={sweep}: cannot make the sweep dir there "
+                        f"({make(sweep)}); choose another folder"]
         if problems:
             for line in problems:
                 print(f"error: {line}", file=sys.stderr)
             print(f"error: the sweep was not started ({len(problems)} problem(s)); no job ran",
                   file=sys.stderr)
             sys.exit(1)
+
+
+def make(folder: Path) -> str | None:
+    """Makes `folder` (and its parents); why it cannot be made, or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{e.strerror or type(e).__name__}: {e.filename or folder}"
+    return None
