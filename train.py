@@ -41,7 +41,7 @@ from trainers.engine.loop import Preempted
 from trainers.engine.parallel import start as start_processes
 from trainers.engine.recipe import check_config
 from trainers.engine.record import RUN_FILE
-from trainers.engine.run import finished_score, preflight, run
+from trainers.engine.run import run
 from trainers.engine.sweeps import FAILED_RUNS, label_run, record_failure
 
 log = logging.getLogger("train")
@@ -62,23 +62,17 @@ def main(cfg: DictConfig) -> float:
         parallel, device = start_processes(checked.device)
         output_dir = agree_run_dir(output_dir, parallel)
         target = Path(run_dir(cfg, multirun, output_dir))
-        record = preflight(checked, target)
-        score = finished_score(target) if record is not None else None
     except MinbertError as e:
         forget_if_empty(output_dir)
         if multirun:
             return record_failure(output_dir, e)
         report(e)
         sys.exit(1)
-    if score is not None:  # nothing to do, and nothing written
-        forget_if_empty(output_dir)
-        log.info("%s has finished already (dev/overall %.4f): nothing to do", target, score)
-        return objective(score, hydra_cfg, multirun)
     if Path(output_dir) != target:  # resume=: this invocation's files go to the resumed run
         forget_if_empty(output_dir)
 
-    def invocation() -> dict:  # once the data is read and the model built: nothing failed
-        return keep_invocation(hydra_cfg, cfg, target, record is not None, parallel.main)
+    def invocation(resumed: bool) -> dict:  # once everything is checked, read and built
+        return keep_invocation(hydra_cfg, cfg, target, resumed, parallel.main)
 
     try:
         return objective(run(checked, target, parallel, device, invocation), hydra_cfg, multirun)
@@ -91,8 +85,7 @@ def main(cfg: DictConfig) -> float:
     except Exception as e:
         forget_if_empty(output_dir)
         if multirun:  # one failed job must not stop (or lose) the others
-            direction = hydra_cfg.sweeper.get("direction", "maximize")
-            return record_failure(target, e, str(direction))
+            return record_failure(target, e, sweep_direction(hydra_cfg))
         if not isinstance(e, MinbertError):
             raise  # a bug: keep its traceback
         log.error("%s", e)  # bad input: one clear message, no traceback
@@ -105,8 +98,13 @@ def objective(score: float, hydra_cfg, multirun: bool) -> float:
     worst value for the sweep's direction, since Optuna stops a whole search on a NaN."""
     if score == score or not multirun:
         return score
-    direction = str(hydra_cfg.sweeper.get("direction", "maximize"))
-    return float("inf") if direction == "minimize" else float("-inf")
+    return float("inf") if sweep_direction(hydra_cfg) == "minimize" else float("-inf")
+
+
+def sweep_direction(hydra_cfg) -> str:
+    """Which way the sweep's objective, dev/overall, improves: an Optuna sweeper's `direction`;
+    the other sweepers have none, and dev/overall is maximised."""
+    return str(hydra_cfg.sweeper.get("direction") or "maximize")
 
 
 def run_dir(cfg: DictConfig, multirun: bool, output_dir: str) -> str:

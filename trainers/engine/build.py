@@ -76,20 +76,26 @@ def run_tasks(cfg: DictConfig, trainer) -> list[Task]:
     return get_tasks(list(names))
 
 
-def build_head(cfg: DictConfig, task: Task, hidden_size: int) -> nn.Module:
-    """The task's head: `heads.<its kind>` with the task file's `head:` keys over it, sized from
-    the task: its outputs, and for a head with an aggregator on a regression task, the label_range
-    the scaled cosine spans."""
-    if task.kind not in cfg.heads:
-        raise ConfigError(f"heads={cfg.heads.get('design')} has no `{task.kind}` entry, the head "
+def check_head(heads, task: Task) -> None:
+    """`heads` (the config's node) has an entry for the task's kind, with every key the task
+    file's `head:` sets."""
+    node = heads.get(task.kind)
+    if node is None:
+        raise ConfigError(f"heads={heads.get('design')} has no `{task.kind}` entry, the head "
                           f"settings of task {task.name}'s kind; add one to conf/heads/")
-    node = cfg.heads[task.kind]
     unknown = [k for k in task.head if k not in node]
     if unknown:
         raise ConfigError(f"{task.file}: head.{unknown[0]}: heads.{task.kind} "
                           f"({node.get('_target_')}) has no such setting; it has "
                           f"{[k for k in node if k != '_target_']}")
-    node = OmegaConf.merge(node, task.head)
+
+
+def build_head(cfg: DictConfig, task: Task, hidden_size: int) -> nn.Module:
+    """The task's head: `heads.<its kind>` with the task file's `head:` keys over it, sized from
+    the task: its outputs, and for a head with an aggregator on a regression task, the label_range
+    the scaled cosine spans."""
+    check_head(cfg.heads, task)
+    node = OmegaConf.merge(cfg.heads[task.kind], task.head)
     sizes = {"num_outputs": task.num_outputs}
     if task.is_regression and "aggregator" in node:
         sizes["label_range"] = list(task.label_range)

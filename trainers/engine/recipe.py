@@ -11,9 +11,8 @@ benchmarks all come through here.
 """
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from common.errors import CheckpointError, ConfigError
 from minbert.model import BertConfig
 from minbert.peft import PeftMethod, check_mergeable
 from tasks.base import Task
-from trainers.engine.build import build, build_method, resolve_device, run_tasks
+from trainers.engine.build import build, build_method, check_head, resolve_device, run_tasks
 from trainers.engine.optim import optimizer_choice
 from trainers.engine.precision import check_precision
 from trainers.engine.schema import RunSchema, check_sections, closest
@@ -83,7 +82,8 @@ def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> Checked
     check_task_keys(cfg, overrides or [])
     tasks = run_tasks(cfg, trainer)
     trainer.check_tasks([t.name for t in tasks])
-    check_heads(container["heads"], tasks)
+    for task in tasks:
+        check_head(container["heads"], task)
     if trainer.merges:
         check_mergeable(method, trainer.merges)
     optimizer_choice(trainer.options.optimizer, method, schema.optim.state_bits)
@@ -181,20 +181,6 @@ def check_task_keys(cfg: DictConfig, overrides: list[str]) -> None:
         raise ConfigError(f"`{chosen}` would be ignored: this trainer trains trainer.task="
                           f"{single} alone (trainer=single's default); give trainer.task=<name> "
                           "instead")
-
-
-def check_heads(heads: dict, tasks: list[Task]) -> None:
-    """A heads entry for every task's kind, and a task file's `head:` keys that entry has."""
-    for task in tasks:
-        node = heads.get(task.kind)
-        if node is None:
-            raise ConfigError(f"heads={heads.get('design')} has no `{task.kind}` entry, the head "
-                              f"settings of task {task.name}'s kind; add one to conf/heads/")
-        unknown = [k for k in task.head if k not in node]
-        if unknown:
-            raise ConfigError(f"{task.file}: head.{unknown[0]}: heads.{task.kind} "
-                              f"({node.get('_target_')}) has no such setting; it has "
-                              f"{[k for k in node if k != '_target_']}")
 
 
 def checked(cfg_or_checked) -> Checked:

@@ -54,7 +54,7 @@ def write_record(run_dir: Path, cfg: DictConfig, tasks: list[Task], wandb_id: st
                  precision: tuple[str, str], data: dict | None = None,
                  hydra: dict | None = None) -> None:
     """`precision`: (the one the run computes in, why: `trainers.engine.precision.run_precision`);
-    `data`: `data_fingerprints`' (with the changes a resume was allowed to make); `hydra`: the
+    `data`: `data_record`'s (with the changes a resume was allowed to make); `hydra`: the
     group choices and command-line overrides the run was composed from (what tables label it
     by), kept from the run's first invocation."""
     chosen, why = precision
@@ -98,34 +98,25 @@ def data_changes(saved: dict, now: dict) -> list[str]:
             if saved.get(key) != now.get(key)]
 
 
-def check_same_data(run_dir: Path, record: dict, cfg: DictConfig, tasks: list[Task]) -> None:
-    """A run resumes on the data it started with: every task file's fingerprint as `run.json`
-    has it, unless `data.allow_changed=true` (then the log says which changed)."""
-    saved = record.get("data")
-    if saved is None:  # a run from before data fingerprints
-        return
-    changed = data_changes(saved, current_data(cfg, tasks))
-    if not changed:
-        return
-    if not cfg.data.allow_changed:
+def data_record(run_dir: Path, record: dict | None, cfg: DictConfig, tasks: list[Task]) -> dict:
+    """What run.json keeps of the data, each file hashed once: `data` (the fingerprints the run
+    started with) and `data_changed` (every resume that was allowed to change them). A run
+    resumes on the data it started with: a changed file is refused, naming it, unless
+    `data.allow_changed=true` (then the log says which changed)."""
+    now = current_data(cfg, tasks)
+    if record is None or record.get("data") is None:  # a new run, or one from before fingerprints
+        return {"data": now, "data_changed": list((record or {}).get("data_changed") or [])}
+    changed = data_changes(record["data"], now)
+    if changed and not cfg.data.allow_changed:
         raise ConfigError(f"{run_dir} started on other data: {'; '.join(changed[:6])} under "
                           f"{chosen_root(cfg.data.root)} differ from the files it trained on. "
                           "Resume it with the data it started with (data.root=...), start a new "
                           "run, or pass data.allow_changed=true to continue on the changed files "
                           "(run.json records it)")
-    log.warning("%s continues on changed data (data.allow_changed=true): %s", run_dir,
-                "; ".join(changed))
-
-
-def data_fingerprints(cfg: DictConfig, tasks: list[Task], record: dict | None) -> dict:
-    """What run.json keeps of the data: `data` (the fingerprints the run started with) and
-    `data_changed` (every resume that was allowed to change them, with the files)."""
-    now = current_data(cfg, tasks)
-    if record is None or record.get("data") is None:
-        return {"data": now, "data_changed": []}
     history = list(record.get("data_changed") or [])
-    changed = data_changes(record["data"], now)
     if changed:
+        log.warning("%s continues on changed data (data.allow_changed=true): %s", run_dir,
+                    "; ".join(changed))
         history.append({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": changed})
     return {"data": record["data"], "data_changed": history}
 

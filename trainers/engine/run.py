@@ -38,8 +38,7 @@ from trainers.engine.memory import PeakMemory, memory_metrics
 from trainers.engine.plots import plot_training
 from trainers.engine.precision import resolve_precision, run_precision
 from trainers.engine.recipe import Checked, checked
-from trainers.engine.record import (check_same_data, check_same_run, data_fingerprints,
-                                    read_record, write_record)
+from trainers.engine.record import check_same_run, data_record, read_record, write_record
 from trainers.engine.state import CHECKPOINTS, TrainState, load_checkpoint, restore_checkpoint
 from trainers.engine.sweeps import ERROR_FILE
 
@@ -85,13 +84,11 @@ def check_batch(batch_size: int, parallel: Replicas) -> None:
 
 def preflight(run: Checked, run_dir: Path) -> dict | None:
     """What a run dir holds, read without writing anything: None for a new run, else its record
-    (`run.json`), after checking it is this config's run and its data is the data it started
-    with. A command refused here has changed no file."""
+    (`run.json`), after checking it is this config's run. A command refused here has changed
+    no file."""
     record = read_record(run_dir)
     if record is not None:
         check_same_run(run_dir, record, run.cfg, run.tasks)
-        if not (run_dir / METRICS_FILE).is_file():
-            check_same_data(run_dir, record, run.cfg, run.tasks)
     return record
 
 
@@ -109,14 +106,14 @@ def finished_score(run_dir: Path) -> float | None:
 
 
 def run(cfg, run_dir: str | Path, parallel: Replicas | None = None,
-        device: torch.device | None = None, invocation: Callable[[], dict] | None = None
+        device: torch.device | None = None, invocation: Callable[[bool], dict] | None = None
         ) -> float:
     """Trains and evaluates one configuration (`cfg`: a `Checked` run, or a composed config,
     checked here), or continues it from its newest checkpoint; returns dev/overall, the sweep
     objective. Everything is checked, read and built before the first file is written; a
-    finished run returns its score having written nothing. `invocation`: called once all is
-    built, before training (`train.py` writes its Hydra files and opens train.log there); it
-    returns the group choices and overrides that run.json keeps."""
+    finished run returns its score having written nothing. `invocation(resumed)`: called once
+    all is built and checked, before training (`train.py` writes its Hydra files and opens
+    train.log there); it returns the group choices and overrides that run.json keeps."""
     run, run_dir = checked(cfg), Path(run_dir)
     if parallel is None:
         parallel, device = start_processes(run.device)
@@ -125,12 +122,13 @@ def run(cfg, run_dir: str | Path, parallel: Replicas | None = None,
     if score is not None:
         log.info("%s has finished already (dev/overall %.4f): nothing to do", run_dir, score)
         return score
+    data = data_record(run_dir, record, run.cfg, run.tasks)  # changed data: refused here
     precision = run_precision(run.schema.precision, device, record)
     log.info("%s", precision[1])
     trainer, logger, ctx = setup(run, run_dir, precision[0], parallel, device)
     with RunLock(run_dir) if parallel.main else nullcontext():  # rank 0 holds the run
         record = preflight(run, run_dir)  # again, now that no other process can change it
-        hydra = invocation() if invocation is not None else None
+        hydra = invocation(record is not None) if invocation is not None else None
         parallel.barrier()  # every rank has read the run's files before rank 0 writes any
         if parallel.main:
             (run_dir / ERROR_FILE).unlink(missing_ok=True)  # a failed attempt's, now stale
@@ -138,8 +136,7 @@ def run(cfg, run_dir: str | Path, parallel: Replicas | None = None,
         resumed = restore(trainer, ctx, state, record is not None)
         wandb_id = logger.start(OmegaConf.to_container(run.cfg, resolve=True), run_dir,
                                 (record or {}).get("wandb_id") if resumed else None)
-        write_record(run_dir, run.cfg, ctx.tasks, wandb_id, precision,
-                     data_fingerprints(run.cfg, ctx.tasks, record), hydra)
+        write_record(run_dir, run.cfg, ctx.tasks, wandb_id, precision, data, hydra)
         return train_and_finish(trainer, logger, ctx, state)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import typing
 from typing import Any
 
@@ -90,7 +91,7 @@ def _loose(annotation) -> Any:
     if origin is tuple:
         return list[typing.Union[typing.get_args(annotation)]] if typing.get_args(annotation) \
             else list
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = tuple(_loose(a) for a in typing.get_args(annotation))
         return typing.Union[args]
     return annotation
